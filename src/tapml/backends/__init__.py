@@ -1,0 +1,104 @@
+"""The Backend interface and the entry-point registry (`tapml.backends`) through which every backend is found.
+
+A backend runs OpCalls; it must not know about stores, verdicts or reports. Built-ins register the same way
+third-party backends do, in pyproject's `[project.entry-points."tapml.backends"]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from tapml.errors import TapmlError
+from tapml.ops import OpCall
+
+GROUP = "tapml.backends"
+
+
+class Backend:
+    """Runs ATen op calls. Subclasses set `name`, implement `run`, and may refine the rest.
+
+    Residency: `upload` turns a host tensor into whatever the backend keeps (a device buffer), `download`
+    turns it back; `run` takes a call whose tensor leaves are such handles and returns handles, so a chain
+    of target ops keeps its tensors on the device. `execute` is the host-in/host-out convenience.
+    """
+
+    name = "?"
+    description = ""
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """None when this backend can run here, else the reason it cannot (missing package, no device)."""
+        return None
+
+    def supports(self, call: OpCall) -> str | None:
+        """None when `call` can run, else why not (reported as `unsupported`, never as pass)."""
+        return None
+
+    def upload(self, t: torch.Tensor) -> Any:
+        return t
+
+    def download(self, h: Any) -> torch.Tensor:
+        return h
+
+    def run(self, call: OpCall) -> Any:
+        raise NotImplementedError
+
+    def execute(self, call: OpCall) -> Any:
+        """Upload the call's tensors, run it, download the outputs as CPU tensors."""
+        args, kwargs = pytree.tree_map_only(torch.Tensor, self.upload, (call.args, call.kwargs))
+        staged = OpCall(call.op, args, kwargs, None, call.provenance, call.rng_state)
+        out = self.run(staged)
+        return pytree.tree_map(lambda x: self.download(x) if self.is_handle(x) else x, out)
+
+    def is_handle(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def close(self) -> None:
+        """Release device resources."""
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    target: str  # "module:Class"
+    available: bool
+    reason: str | None
+    description: str
+
+
+def _entry_points() -> dict[str, Any]:
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
+def registered() -> list[BackendInfo]:
+    """Every installed backend, whether it can run here, and why not when it cannot."""
+    out = []
+    for name, ep in sorted(_entry_points().items()):
+        try:
+            cls = ep.load()
+            reason = cls.unavailable()
+            desc = cls.description
+        except Exception as e:  # a broken third-party plug-in must not break the listing
+            reason, desc = f"failed to load {ep.value}: {type(e).__name__}: {e}", ""
+        out.append(BackendInfo(name, ep.value, reason is None, reason, desc))
+    return out
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """Instantiate the backend registered as `name`; a one-line TapmlError when unknown or unusable."""
+    eps = _entry_points()
+    if name not in eps:
+        raise TapmlError(f"unknown backend {name!r}; installed: {', '.join(sorted(eps))} (see `tapml backends`)")
+    try:
+        cls = eps[name].load()
+    except Exception as e:
+        raise TapmlError(f"backend {name} failed to load: {type(e).__name__}: {e}") from None
+    reason = cls.unavailable()
+    if reason:
+        raise TapmlError(f"backend {name} is not usable here: {reason}")
+    return cls(**options)

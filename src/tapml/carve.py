@@ -1,0 +1,335 @@
+"""Carving: run a real model under the Recorder (a TorchDispatchMode) and write every ATen call to a CaseStore.
+
+It decides what a case keeps (inputs before mutation, outputs, provenance, RNG state) and when to sample; the
+on-disk layout belongs to `store.py`, and model construction to `tapml.zoo` / `load_workload`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tapml.errors import TapmlError
+from tapml.ops import (Provenance, Unserializable, compact, content_hash, encode_args, encode_value,
+                       is_seeded_random, mutated_args, op_name, signature, tensor_meta)
+from tapml.store import CaseStore, PendingSample
+
+# Ops that may read storage outside their input view: the whole storage is kept for them.
+_WHOLE_STORAGE = {"aten.as_strided.default", "aten.as_strided_.default", "aten.as_strided_scatter.default"}
+# Flush a batch to disk after this many samples or bytes (bounds memory and what a crash can lose).
+_FLUSH_SAMPLES = 512
+_FLUSH_BYTES = 64 << 20
+
+
+@dataclass
+class Workload:
+    """A model and the job to run on it (what the zoo's ModelSpec.prepare and user files produce)."""
+
+    model: torch.nn.Module
+    run: Callable[[], Any]
+    generates: bool
+    description: str
+
+
+def load_workload(model: str, prompt: str | None = None, max_new_tokens: int = 8) -> tuple[str, Any]:
+    """Resolve MODEL: a zoo name (`llama`, `zoo:llama`) or `path/to/file.py:make_model`.
+
+    Returns (canonical name, workload). `make_model()` must return `(model, inputs)`; the run is
+    `model(*inputs)` under torch.no_grad().
+    """
+    if ".py:" in model or model.endswith(".py"):
+        return model, _load_user_model(model)
+    from tapml import zoo
+
+    spec = zoo.get(model)
+    try:
+        return spec.name, spec.prepare(prompt=prompt, max_new_tokens=max_new_tokens)
+    except TapmlError:
+        raise
+    except Exception as e:
+        raise TapmlError(f"zoo model {spec.name} failed to build: {type(e).__name__}: {e}") from None
+
+
+def _load_user_model(ref: str) -> Workload:
+    path_s, _, fn_name = ref.rpartition(":") if ".py:" in ref else (ref, ":", "")
+    path = Path(path_s)
+    if not fn_name:
+        raise TapmlError(f"{ref}: name the factory function, e.g. {ref}:make_model")
+    if not path.is_file():
+        raise TapmlError(f"{path}: no such model file; expected path/to/file.py:make_model")
+    mod_name = f"tapml_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise TapmlError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise TapmlError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
+    factory = getattr(module, fn_name, None)
+    if not callable(factory):
+        raise TapmlError(f"{path} has no function {fn_name}(); it must return (model, inputs)")
+    try:
+        made = factory()
+    except Exception as e:
+        raise TapmlError(f"{ref}() raised {type(e).__name__}: {e}") from None
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise TapmlError(f"{ref}() must return (model: torch.nn.Module, inputs: tuple); got {type(made).__name__}")
+    model, inputs = made
+    inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
+    model.eval()
+    return Workload(model, lambda: model(*inputs), False, f"{fn_name}() from {path.name}: model(*inputs)")
+
+
+class Recorder(TorchDispatchMode):
+    """Records every ATen call of a run; keeps up to `samples` samples per signature, counts all calls."""
+
+    def __init__(self, store: CaseStore, run_id: int, samples: int = 1, params: list[torch.Tensor] = ()):
+        super().__init__()
+        self.store, self.run_id, self.k = store, run_id, samples
+        self.calls = 0
+        self.module = "<none>"
+        self.phase = "forward"
+        self._sampled = store.sample_counts()
+        self._known = store.known_blobs()
+        self._pending_blobs: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._pending_samples: list[PendingSample] = []
+        self._counts: dict[str, list] = {}
+        # Hash cache for parameters/buffers only: their storage outlives the run, so a pointer can't be reused.
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self._param_hash: dict[tuple, str] = {}
+
+    # --- the dispatch hook ------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        index = self.calls
+        self.calls += 1
+        name = op_name(func)
+        try:
+            spec, tensors = encode_args(args, kwargs)
+            replayable, reason = True, None
+        except Unserializable as e:
+            spec, tensors = {"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}}, []
+            replayable, reason = False, str(e)
+        sig = signature(name, spec, tensors)
+        entry = self._counts.get(sig)
+        if entry is None:
+            random = is_seeded_random(func)
+            entry = self._counts[sig] = [name, spec, [tensor_meta(t) for t in tensors], replayable, reason,
+                                         random, 0]
+        entry[6] += 1
+        take = replayable and self._sampled.get(sig, 0) < self.k
+        if not take:
+            return func(*args, **kwargs)
+
+        whole = name in _WHOLE_STORAGE
+        mutates = bool(mutated_args(func))
+        rng = None
+        if entry[5]:
+            gen = kwargs.get("generator")
+            state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
+            rng = self._put(state.clone())
+        inputs = [self._capture(t, whole) for t in tensors] if mutates else None
+        out = func(*args, **kwargs)
+        if inputs is None:
+            inputs = [self._capture(t, whole) for t in tensors]
+        out_tensors: list[torch.Tensor] = []
+        out_spec = encode_value(out, out_tensors) if not isinstance(out, torch.Tensor) else {"T": 0}
+        if isinstance(out, torch.Tensor):
+            out_tensors = [out]
+        outputs = {"spec": out_spec, "tensors": [self._capture(t, False) for t in out_tensors]}
+        self._sampled[sig] = self._sampled.get(sig, 0) + 1
+        self._pending_samples.append(PendingSample(
+            sig, name, spec, entry[2], True, None, entry[5],
+            Provenance(self.run_id, self.module, self.phase, index), inputs, outputs, rng))
+        if len(self._pending_samples) >= _FLUSH_SAMPLES or self._pending_bytes >= _FLUSH_BYTES:
+            self.flush()
+        return out
+
+    def _capture(self, t: torch.Tensor, whole: bool) -> list:
+        meta = tensor_meta(t)
+        if whole:
+            n = t.untyped_storage().nbytes() // t.element_size()
+            values = torch.as_strided(t, (n,), (1,), 0).detach()
+            meta = {**meta, "stride": list(t.stride()), "offset": t.storage_offset(), "storage": n}
+        else:
+            values = compact(t)
+        key = None
+        if t.untyped_storage().data_ptr() in self._param_ptrs:
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+                   t.dtype, t._version, whole)
+            h = self._param_hash.get(key)
+            if h is not None:
+                return [h, meta]
+        h = self._put(values, share_ok=False)
+        if key is not None:
+            self._param_hash[key] = h
+        return [h, meta]
+
+    def _put(self, values: torch.Tensor, share_ok: bool = True) -> str:
+        values = values.detach()
+        if not values.is_contiguous():
+            values = values.contiguous()
+        h = content_hash(values)
+        if h not in self._known and h not in self._pending_blobs:
+            # A private copy: the original may be a view of a larger tensor or be mutated later.
+            self._pending_blobs[h] = values.clone()
+            self._pending_bytes += values.numel() * values.element_size()
+        return h
+
+    def flush(self) -> None:
+        counts = {sig: tuple(v) for sig, v in self._counts.items() if v[6]}
+        if not (self._pending_samples or counts):
+            return
+        self.store.commit(self.run_id, self._pending_blobs, self._pending_samples, counts, self.calls)
+        self._known.update(self._pending_blobs)
+        self._pending_blobs, self._pending_samples, self._pending_bytes = {}, [], 0
+        for v in self._counts.values():
+            v[6] = 0
+
+
+@dataclass
+class CarveResult:
+    store: str
+    run_id: int
+    model: str
+    description: str
+    calls: int
+    cases: int  # distinct signatures seen in this run
+    new_cases: int
+    samples: int
+    seconds: float
+    stats: dict
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tokens: int = 8,
+          samples: int = 1, progress: bool = True, workload: Workload | None = None) -> CarveResult:
+    """Carve MODEL into the store at `out`. On any failure the store is left as it was before the call."""
+    if samples < 1:
+        raise TapmlError(f"--samples must be ≥ 1 (got {samples})")
+    if max_new_tokens < 1:
+        raise TapmlError(f"--max-new-tokens must be ≥ 1 (got {max_new_tokens})")
+    if workload is None:
+        name, workload = load_workload(model, prompt, max_new_tokens)
+    else:
+        name = model
+    out = Path(out)
+    fresh = not (out / "cases.sqlite").exists()
+    if fresh and out.exists() and not out.is_dir():
+        raise TapmlError(f"{out} exists and is not a directory; choose another --out")
+    created_dir = not out.exists()
+    store = CaseStore.create(out)
+    before = {c.signature for c in store.cases()}
+    options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
+    run_id = store.begin_run(name, workload.description, options)
+    params = list(workload.model.parameters()) + list(workload.model.buffers())
+    rec = Recorder(store, run_id, samples, params)
+    start = time.perf_counter()
+    try:
+        with ExitStack() as stack:
+            steps = max_new_tokens if workload.generates else None
+            bar = stack.enter_context(_progress(progress, name, steps))
+            _attach_provenance(stack, workload, rec, bar)
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(rec)
+            workload.run()
+        rec.flush()
+        store.finish_run(run_id, rec.calls)
+    except BaseException as e:
+        store.discard_run(run_id)
+        store.close()
+        if fresh:
+            CaseStore.remove(out) if created_dir else _clear_new_store(out)
+        if isinstance(e, (TapmlError, KeyboardInterrupt)):
+            raise
+        raise TapmlError(f"model {name} raised {type(e).__name__} while running: {e}") from None
+    seconds = time.perf_counter() - start
+    seen = set(rec._counts)
+    stats = store.stats()
+    store.close()
+    return CarveResult(str(out), run_id, name, workload.description, rec.calls, len(seen),
+                       len(seen - before), stats["samples"], seconds, stats)
+
+
+def _clear_new_store(out: Path) -> None:
+    for name in ("cases.sqlite", "cases.sqlite-wal", "cases.sqlite-shm"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "blobs", ignore_errors=True)
+
+
+def _attach_provenance(stack: ExitStack, workload: Workload, rec: Recorder, bar: Any) -> None:
+    """Module path from forward hooks on every submodule; phase from the top module's forward count."""
+    names = {id(m): n for n, m in workload.model.named_modules()}
+    stack_names: list[str] = []
+    top = workload.model
+    step = [0]
+
+    def phase_of(i: int) -> str:
+        if not workload.generates:
+            return "forward"
+        return "prefill" if i == 0 else f"decode:{i - 1}"
+
+    rec.phase = phase_of(0)
+
+    def pre(mod, _args):
+        stack_names.append(rec.module)
+        rec.module = names.get(id(mod), "") or type(mod).__name__
+
+    def post(mod, _args, _out):
+        rec.module = stack_names.pop() if stack_names else "<none>"
+        if mod is top:
+            step[0] += 1
+            rec.phase = phase_of(step[0])
+            bar.advance()
+
+    for m in workload.model.modules():
+        stack.callback(m.register_forward_pre_hook(pre).remove)
+        stack.callback(m.register_forward_hook(post).remove)
+
+
+class _Bar:
+    def __init__(self, progress: Any, task: Any):
+        self.progress, self.task = progress, task
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+
+class _progress:
+    """A rich progress bar over forward steps (prefill + decode steps) on stderr; silent when disabled."""
+
+    def __init__(self, enabled: bool, name: str, steps: int | None):
+        self.enabled, self.name, self.steps = enabled, name, steps
+        self.progress = None
+
+    def __enter__(self) -> _Bar:
+        if not self.enabled:
+            return _Bar(None, None)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), "[bold]carve[/] {task.description}", BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+                                 transient=False)
+        self.progress.__enter__()
+        task = self.progress.add_task(f"{self.name} (forward steps)", total=self.steps)
+        return _Bar(self.progress, task)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)

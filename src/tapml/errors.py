@@ -1,0 +1,8 @@
+"""The one exception type for errors a user can cause (bad model name, missing store, ...).
+
+The CLI maps it to a one-line message and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+
+class TapmlError(Exception):
+    """A user-facing error; the message says what is wrong and what to do."""

@@ -1,0 +1,257 @@
+"""OpCall, Signature and the argument helpers shared by the Recorder, the store and every backend.
+
+It knows how to turn ATen arguments into JSON plus tensor leaves and back; it must not know the store layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from tapml.errors import TapmlError
+
+# Ops whose result depends on the random generator (torch tags them `nondeterministic_seeded`).
+_SEEDED = torch.Tag.nondeterministic_seeded
+
+
+@dataclass
+class Provenance:
+    """Where a call came from: run, module path, phase (`prefill`, `decode:3`, `forward`) and index in the run."""
+
+    run: int = 0
+    module: str = ""
+    phase: str = "forward"
+    index: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"run": self.run, "module": self.module, "phase": self.phase, "index": self.index}
+
+
+@dataclass
+class OpCall:
+    """One call of an ATen operator with its real arguments and (when known) its reference outputs."""
+
+    op: str  # overload name, e.g. "aten.mm.default"
+    args: tuple
+    kwargs: dict
+    outputs: Any = None
+    provenance: Provenance = field(default_factory=Provenance)
+    rng_state: torch.Tensor | None = None  # CPU generator state before the call, for seeded random ops
+
+    @property
+    def kind(self) -> str:
+        """The op kind without the overload: `aten.mm`."""
+        return self.op.rsplit(".", 1)[0]
+
+    def func(self) -> torch._ops.OpOverload:
+        return resolve_op(self.op)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [x for x in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(x, torch.Tensor)]
+
+
+@lru_cache(maxsize=None)
+def resolve_op(name: str) -> torch._ops.OpOverload:
+    """`aten.mm.default` -> torch.ops.aten.mm.default; a clear error when the overload does not exist here."""
+    parts = name.split(".")
+    if len(parts) != 3:
+        raise TapmlError(f"bad op name {name!r}: expected namespace.op.overload, e.g. aten.mm.default")
+    ns, op, overload = parts
+    try:
+        return getattr(getattr(getattr(torch.ops, ns), op), overload)
+    except (AttributeError, RuntimeError) as e:
+        raise TapmlError(f"op {name} does not exist in this torch {torch.__version__}: {e}") from None
+
+
+@lru_cache(maxsize=None)
+def mutated_args(func: torch._ops.OpOverload) -> tuple[str, ...]:
+    """Names of the schema arguments the op writes to (in-place self, out=)."""
+    return tuple(
+        a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write
+    )
+
+
+def is_seeded_random(func: torch._ops.OpOverload) -> bool:
+    return _SEEDED in func.tags
+
+
+def op_name(func: torch._ops.OpOverload) -> str:
+    return str(func)  # "aten.mm.default"
+
+
+# --- non-tensor arguments <-> JSON -------------------------------------------------------------------------
+
+class Unserializable(Exception):
+    """An argument the store cannot hold faithfully; the case is kept but marked non-replayable."""
+
+
+def encode_value(x: Any, tensors: list[torch.Tensor]) -> Any:
+    """Turn an argument pytree into JSON, appending tensor leaves to `tensors` (replaced by {"T": i})."""
+    if isinstance(x, torch.Tensor):
+        tensors.append(x)
+        return {"T": len(tensors) - 1}
+    if x is None or isinstance(x, (bool, int, str)):
+        return x
+    if isinstance(x, float):
+        if math.isfinite(x):
+            return x
+        return {"float": repr(x)}  # 'inf', '-inf', 'nan'
+    if isinstance(x, complex):
+        return {"complex": [x.real, x.imag]}
+    if isinstance(x, (list, tuple)):
+        items = [encode_value(v, tensors) for v in x]
+        return items if isinstance(x, list) else {"tuple": items}
+    if isinstance(x, dict):
+        return {"dict": {str(k): encode_value(v, tensors) for k, v in x.items()}}
+    if isinstance(x, torch.dtype):
+        return {"dtype": str(x).removeprefix("torch.")}
+    if isinstance(x, torch.device):
+        return {"device": "cpu"}  # replay places tensors on the backend's own device
+    if isinstance(x, torch.layout):
+        return {"layout": str(x).removeprefix("torch.")}
+    if isinstance(x, torch.memory_format):
+        return {"memory_format": str(x).removeprefix("torch.")}
+    if isinstance(x, torch.Generator):
+        return {"generator": None}
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        raise Unserializable(f"symbolic value {x!r}")
+    raise Unserializable(f"argument of type {type(x).__name__}")
+
+
+def decode_value(x: Any, tensors: list[Any]) -> Any:
+    if isinstance(x, list):
+        return [decode_value(v, tensors) for v in x]
+    if not isinstance(x, dict):
+        return x
+    (key, val), = x.items()
+    if key == "T":
+        return tensors[val]
+    if key == "tuple":
+        return tuple(decode_value(v, tensors) for v in val)
+    if key == "dict":
+        return {k: decode_value(v, tensors) for k, v in val.items()}
+    if key == "float":
+        return float(val)
+    if key == "complex":
+        return complex(*val)
+    if key == "dtype":
+        return getattr(torch, val)
+    if key == "device":
+        return torch.device(val)
+    if key == "layout":
+        return getattr(torch, val)
+    if key == "memory_format":
+        return getattr(torch, val)
+    if key == "generator":
+        return None
+    raise TapmlError(f"store holds an argument tag {key!r} this tapml does not know; upgrade tapml")
+
+
+def encode_args(args: tuple, kwargs: dict) -> tuple[Any, list[torch.Tensor]]:
+    tensors: list[torch.Tensor] = []
+    spec = {"args": [encode_value(a, tensors) for a in args], "kwargs": {k: encode_value(v, tensors)
+                                                                         for k, v in kwargs.items()}}
+    return spec, tensors
+
+
+def decode_args(spec: Any, tensors: list[Any]) -> tuple[tuple, dict]:
+    args = tuple(decode_value(a, tensors) for a in spec["args"])
+    kwargs = {k: decode_value(v, tensors) for k, v in spec["kwargs"].items()}
+    return args, kwargs
+
+
+# --- tensor metadata and compact capture -------------------------------------------------------------------
+
+def tensor_meta(t: torch.Tensor) -> dict[str, Any]:
+    """Shape, dtype and (only when they matter: non-contiguous or offset) strides and storage offset."""
+    meta: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if not t.is_contiguous() or t.storage_offset() != 0:
+        meta["stride"] = list(t.stride())
+        meta["offset"] = t.storage_offset()
+    return meta
+
+
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """The distinct values of `t`: broadcast (stride-0) dims cut to size 1, then made contiguous.
+
+    An expanded [4096, 4096] view of a [4096] bias stores 4096 values, not 16 M.
+    """
+    if t.dim() and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        index = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
+        t = t[index]
+    return t.detach().contiguous()
+
+
+def rebuild(values: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """Inverse of `compact` + `tensor_meta`: a tensor with the recorded shape, strides and storage offset."""
+    shape = meta["shape"]
+    dtype = getattr(torch, meta["dtype"])
+    if "stride" not in meta:
+        return values.reshape(shape).to(dtype).clone() if values.numel() else torch.empty(shape, dtype=dtype)
+    stride, offset = meta["stride"], meta["offset"]
+    extent = offset + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0) + 1
+    if any(n == 0 for n in shape):
+        extent = offset
+    storage = torch.zeros(max(extent, 0), dtype=dtype)
+    compact_shape = [1 if s == 0 and n > 1 else n for n, s in zip(shape, stride)]
+    view = torch.as_strided(storage, compact_shape, stride, offset)
+    if view.numel():
+        view.copy_(values.reshape(compact_shape))
+    return torch.as_strided(storage, shape, stride, offset)
+
+
+def content_hash(t: torch.Tensor) -> str:
+    """Content address of a compact tensor: dtype, shape and bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}|{list(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool
+                 else t.reshape(-1).to(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+# --- signatures --------------------------------------------------------------------------------------------
+
+def signature(op: str, spec: Any, tensors: list[torch.Tensor]) -> str:
+    """Dedup key: overload, each tensor's shape/dtype (+strides where they matter) and the non-tensor args."""
+    metas = [tensor_meta(t) for t in tensors]
+    text = json.dumps([op, spec, metas], separators=(",", ":"), sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def describe_signature(spec: Any, metas: list[dict]) -> str:
+    """Human-readable short form: `f32[4,64] f32[64,128]` plus scalar args."""
+    short = {"float32": "f32", "float64": "f64", "float16": "f16", "bfloat16": "bf16", "int64": "i64",
+             "int32": "i32", "bool": "b8", "int8": "i8", "uint8": "u8", "int16": "i16", "complex64": "c64"}
+
+    def fmt(x: Any) -> str:
+        if isinstance(x, list):
+            return "[" + ",".join(fmt(v) for v in x) + "]"
+        if isinstance(x, dict):
+            (k, v), = x.items()
+            if k == "T":
+                m = metas[v]
+                s = f"{short.get(m['dtype'], m['dtype'])}[{','.join(map(str, m['shape']))}]"
+                return s + ("~" if "stride" in m else "")
+            if k == "tuple":
+                return "(" + ",".join(fmt(i) for i in v) + ")"
+            if k in ("dtype", "layout", "memory_format", "float", "device"):
+                return str(v)
+            return f"{k}={v}"
+        return repr(x) if isinstance(x, str) else str(x)
+
+    parts = [fmt(a) for a in spec["args"]] + [f"{k}={fmt(v)}" for k, v in spec["kwargs"].items()]
+    return " ".join(parts)
+
+
+def outputs_to_list(out: Any) -> tuple[Any, list[torch.Tensor]]:
+    """Encode an op's return value as JSON + tensor leaves (the same encoding as arguments)."""
+    tensors: list[torch.Tensor] = []
+    return encode_value(out, tensors), tensors

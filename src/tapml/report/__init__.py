@@ -1,0 +1,123 @@
+"""Reports of test runs: rich terminal tables, JSON (one record per case + totals) and a self-contained HTML page.
+
+Rendering only: results come from `tapml.replay`; nothing here runs ops or reads stores.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tapml.replay import STATUSES, TestRun
+
+_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "unsupported": "#9e9e9e", "error": "#ef6c00"}
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a report file whole or not at all."""
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, p)
+
+
+def print_summary(run: TestRun, console: Console | None = None, failures: int = 20) -> None:
+    console = console or Console()
+    table = Table(title=f"{run.store} on {run.backend}", title_justify="left")
+    table.add_column("op")
+    for s in STATUSES:
+        table.add_column(s, justify="right", style={"pass": "green", "fail": "red", "error": "yellow",
+                                                     "unsupported": "dim"}[s])
+    table.add_column("calls", justify="right")
+    for op, row in run.by_kind().items():
+        table.add_row(op, *[str(row[s] or "") for s in STATUSES], str(row["calls"]))
+    console.print(table)
+    bad = [r for r in run.results if r.status in ("fail", "error")]
+    for r in bad[:failures]:
+        p = r.provenance
+        console.print(f"[red]{r.status.upper()}[/] {r.op} {r.args}  [dim]{p.get('module', '')} "
+                      f"{p.get('phase', '')} #{p.get('index', '')}[/]\n    {r.reason}", highlight=False)
+    if len(bad) > failures:
+        console.print(f"... and {len(bad) - failures} more failing cases (see --json/--html)")
+    t = run.totals()
+    console.print(f"[bold]{t['cases']} cases[/] ({t['calls_covered']} calls): [green]{t['pass']} passed[/], "
+                  f"[red]{t['fail']} failed[/], {t['unsupported']} unsupported, [yellow]{t['error']} errors[/] "
+                  f"in {run.seconds:.1f}s", highlight=False)
+
+
+def to_json(run: TestRun) -> str:
+    return json.dumps(run.as_dict(), indent=1, default=_jsonable)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float):
+        return repr(x)
+    return str(x)
+
+
+def _bar_svg(by_kind: dict[str, dict[str, int]], width: int = 560) -> str:
+    rows = list(by_kind.items())[:60]
+    h = 16
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 260}" height="{h * len(rows) + 4}">']
+    for i, (op, row) in enumerate(rows):
+        total = sum(row[s] for s in STATUSES) or 1
+        x = 250
+        parts.append(f'<text x="0" y="{i * h + 12}" font-size="11" font-family="monospace">{html.escape(op)}</text>')
+        for s in STATUSES:
+            w = width * row[s] / total
+            if w:
+                parts.append(f'<rect x="{x:.1f}" y="{i * h + 2}" width="{w:.1f}" height="{h - 4}" '
+                             f'fill="{_COLORS[s]}"><title>{s}: {row[s]}</title></rect>')
+            x += w
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def to_html(run: TestRun) -> str:
+    t = run.totals()
+    esc = html.escape
+    rows = []
+    for r in run.results:
+        p = r.provenance
+        m = r.metrics
+        metric = " ".join(f"{k}={m[k]:.3g}" for k in ("e_tgt", "e_ref", "max_abs", "cosine") if
+                          isinstance(m.get(k), float))
+        rows.append(
+            f'<tr class="{r.status}"><td>{r.case_id}</td><td>{esc(r.op)}</td><td><code>{esc(r.args)}</code></td>'
+            f'<td><b style="color:{_COLORS[r.status]}">{r.status}</b></td><td>{esc(r.rule)}</td>'
+            f'<td>{esc(metric)}</td><td>{esc(str(p.get("module", "")))}</td><td>{esc(str(p.get("phase", "")))}</td>'
+            f'<td>{r.calls}</td><td>{esc(r.reason)}</td></tr>')
+    kinds = "".join(
+        f"<tr><td>{esc(op)}</td>" + "".join(f"<td>{row[s] or ''}</td>" for s in STATUSES) + f"<td>{row['calls']}</td></tr>"
+        for op, row in run.by_kind().items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>TapML: {esc(run.store)} on {esc(run.backend)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;font-size:12px}}
+td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}}
+code{{font-size:11px}} .tot span{{margin-right:18px;font-size:16px}} tr.fail,tr.error{{background:#fff3f3}}
+</style></head><body>
+<h1>TapML test report</h1>
+<p>store <code>{esc(run.store)}</code> · backend <b>{esc(run.backend)}</b> · {run.seconds:.1f}s</p>
+<p class="tot"><span>{t['cases']} cases ({t['calls_covered']} calls)</span>
+<span style="color:{_COLORS['pass']}">{t['pass']} passed</span><span style="color:{_COLORS['fail']}">{t['fail']} failed</span>
+<span style="color:{_COLORS['unsupported']}">{t['unsupported']} unsupported</span>
+<span style="color:{_COLORS['error']}">{t['error']} errors</span></p>
+<h2>By op</h2>{_bar_svg(run.by_kind())}
+<table><tr><th>op</th>{''.join(f'<th>{s}</th>' for s in STATUSES)}<th>calls</th></tr>{kinds}</table>
+<h2>Cases</h2>
+<p><label><input type="checkbox" id="bad" onchange="for(const r of document.querySelectorAll('#cases tr.pass,#cases tr.unsupported'))r.style.display=this.checked?'none':''"> only failures and errors</label></p>
+<table id="cases"><tr><th>#</th><th>op</th><th>arguments</th><th>status</th><th>rule</th><th>metrics</th>
+<th>module</th><th>phase</th><th>calls</th><th>reason</th></tr>{''.join(rows)}</table>
+</body></html>
+"""

@@ -1,0 +1,1 @@
+"""Test tooling built on the core: pytest export now, fault injection later; never imported by the core itself."""
