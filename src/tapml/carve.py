@@ -7,6 +7,7 @@ on-disk layout belongs to `store.py`, and model construction to `tapml.zoo` / `l
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapml.errors import TapmlError
@@ -94,10 +96,14 @@ def _load_user_model(ref: str) -> Workload:
 class Recorder(TorchDispatchMode):
     """Records every ATen call of a run; keeps up to `samples` samples per signature, counts all calls."""
 
-    def __init__(self, store: CaseStore, run_id: int, samples: int = 1, params: list[torch.Tensor] = ()):
+    def __init__(self, store: CaseStore, run_id: int, samples: int = 1, params: list[torch.Tensor] = (),
+                 naive_bytes: bool = False, flush_samples: int = _FLUSH_SAMPLES):
         super().__init__()
         self.store, self.run_id, self.k = store, run_id, samples
         self.calls = 0
+        # Bytes a naive recorder (every call's inputs and outputs saved) would write; measured only on request.
+        self.naive_bytes = 0 if naive_bytes else None
+        self.flush_samples = flush_samples
         self.module = "<none>"
         self.phase = "forward"
         self._sampled = store.sample_counts()
@@ -131,7 +137,10 @@ class Recorder(TorchDispatchMode):
         entry[6] += 1
         take = replayable and self._sampled.get(sig, 0) < self.k
         if not take:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if self.naive_bytes is not None:
+                self.naive_bytes += _nbytes(tensors) + _nbytes(pytree.tree_leaves(out))
+            return out
 
         whole = name in _WHOLE_STORAGE
         mutates = bool(mutated_args(func))
@@ -149,11 +158,13 @@ class Recorder(TorchDispatchMode):
         if isinstance(out, torch.Tensor):
             out_tensors = [out]
         outputs = {"spec": out_spec, "tensors": [self._capture(t, False) for t in out_tensors]}
+        if self.naive_bytes is not None:
+            self.naive_bytes += _nbytes(tensors) + _nbytes(out_tensors)
         self._sampled[sig] = self._sampled.get(sig, 0) + 1
         self._pending_samples.append(PendingSample(
             sig, name, spec, entry[2], True, None, entry[5],
             Provenance(self.run_id, self.module, self.phase, index), inputs, outputs, rng))
-        if len(self._pending_samples) >= _FLUSH_SAMPLES or self._pending_bytes >= _FLUSH_BYTES:
+        if len(self._pending_samples) >= self.flush_samples or self._pending_bytes >= _FLUSH_BYTES:
             self.flush()
         return out
 
@@ -199,6 +210,10 @@ class Recorder(TorchDispatchMode):
             v[6] = 0
 
 
+def _nbytes(xs: list) -> int:
+    return sum(t.numel() * t.element_size() for t in xs if isinstance(t, torch.Tensor))
+
+
 @dataclass
 class CarveResult:
     store: str
@@ -211,13 +226,15 @@ class CarveResult:
     samples: int
     seconds: float
     stats: dict
+    naive_bytes: int | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tokens: int = 8,
-          samples: int = 1, progress: bool = True, workload: Workload | None = None) -> CarveResult:
+          samples: int = 1, progress: bool = True, workload: Workload | None = None,
+          naive_bytes: bool = False) -> CarveResult:
     """Carve MODEL into the store at `out`. On any failure the store is left as it was before the call."""
     if samples < 1:
         raise TapmlError(f"--samples must be ≥ 1 (got {samples})")
@@ -237,7 +254,8 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
     options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
     run_id = store.begin_run(name, workload.description, options)
     params = list(workload.model.parameters()) + list(workload.model.buffers())
-    rec = Recorder(store, run_id, samples, params)
+    flush = int(os.environ.get("TAPML_CARVE_FLUSH", _FLUSH_SAMPLES))  # samples per commit (tests lower it)
+    rec = Recorder(store, run_id, samples, params, naive_bytes=naive_bytes, flush_samples=max(flush, 1))
     start = time.perf_counter()
     try:
         with ExitStack() as stack:
@@ -262,7 +280,7 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
     stats = store.stats()
     store.close()
     return CarveResult(str(out), run_id, name, workload.description, rec.calls, len(seen),
-                       len(seen - before), stats["samples"], seconds, stats)
+                       len(seen - before), stats["samples"], seconds, stats, rec.naive_bytes)
 
 
 def _clear_new_store(out: Path) -> None:

@@ -256,12 +256,14 @@ class CaseStore:
             self.db.execute("DELETE FROM occurrences WHERE run_id=?", (run_id,))
             self.db.execute("DELETE FROM cases WHERE id NOT IN (SELECT case_id FROM occurrences)")
             self.db.execute("DELETE FROM runs WHERE id=?", (run_id,))
-            self.db.execute(
-                "DELETE FROM blobs WHERE hash NOT IN (SELECT value FROM samples, json_each(samples.inputs) "
-                "  AS i, json_each(i.value) AS v WHERE v.key = 0) "
-                "AND hash NOT IN (SELECT v.value FROM samples, json_each(samples.outputs, '$.tensors') AS o, "
-                "  json_each(o.value) AS v WHERE v.key = 0) "
-                "AND hash NOT IN (SELECT rng FROM samples WHERE rng IS NOT NULL)")
+            referenced: set[str] = set()
+            for inputs, outputs, rng in self.db.execute("SELECT inputs, outputs, rng FROM samples"):
+                referenced.update(h for h, _ in json.loads(inputs))
+                referenced.update(h for h, _ in json.loads(outputs)["tensors"])
+                if rng:
+                    referenced.add(rng)
+            dead = [(h,) for (h,) in self.db.execute("SELECT hash FROM blobs") if h not in referenced]
+            self.db.executemany("DELETE FROM blobs WHERE hash=?", dead)
 
     @staticmethod
     def remove(path: str | os.PathLike) -> None:

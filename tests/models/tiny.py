@@ -1,0 +1,72 @@
+"""Tiny models for tests: the op kinds and counts of their runs are known by hand."""
+
+import torch
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = torch.relu(self.fc1(x))  # the same signature twice: one case, two calls
+        return self.fc2(h).softmax(-1)
+
+
+def make_model():
+    torch.manual_seed(0)
+    return TwoLayer(), (torch.randn(3, 8),)
+
+
+class InPlace(torch.nn.Module):
+    def forward(self, x):
+        y = x.clone()
+        y.add_(1.0)  # the case must keep y's value from before the add
+        y.mul_(2.0)
+        return y
+
+
+def make_inplace():
+    return InPlace(), (torch.arange(6, dtype=torch.float32).reshape(2, 3),)
+
+
+class Noisy(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x) + torch.rand(x.shape)
+
+
+def make_random():
+    return Noisy(), (torch.ones(4, 4),)
+
+
+class Repeats(torch.nn.Module):
+    """One big weight used by many calls: content addressing must store it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(256, 256))
+
+    def forward(self, x):
+        for _ in range(20):
+            x = torch.tanh(x @ self.w + 0.01 * x.sum())
+        return x
+
+
+def make_repeats():
+    torch.manual_seed(0)
+    return Repeats(), (torch.randn(4, 256),)
+
+
+def make_raises():
+    class Boom(torch.nn.Module):
+        def forward(self, x):
+            x = x * 2
+            raise ValueError("kaboom in forward")
+
+    return Boom(), (torch.ones(2),)
+
+
+def make_bad_return():
+    return 42

@@ -1,0 +1,68 @@
+"""OpCall helpers: argument encoding round-trips, compact capture and rebuild keep strides, signatures."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tapml.ops import (compact, content_hash, decode_args, encode_args, rebuild, resolve_op, signature,
+                       tensor_meta)
+
+
+def test_encode_decode_roundtrip_keeps_non_tensor_args():
+    t = torch.ones(2)
+    args = (t, [1, 2], -math.inf, None, "tanh", torch.float16, (3, t))
+    kwargs = {"memory_format": torch.contiguous_format, "layout": torch.strided, "x": 1.5}
+    spec, tensors = encode_args(args, kwargs)
+    assert len(tensors) == 2
+    a, k = decode_args(spec, tensors)
+    assert a[1] == [1, 2] and a[2] == -math.inf and a[3] is None and a[4] == "tanh"
+    assert a[5] is torch.float16 and a[6][1] is t and k == kwargs
+
+
+def test_compact_stores_broadcast_values_once():
+    bias = torch.randn(64)
+    expanded = bias.expand(1024, 64)
+    c = compact(expanded)
+    assert c.numel() == 64
+    back = rebuild(c, tensor_meta(expanded))
+    assert torch.equal(back, expanded) and back.stride() == expanded.stride()
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 6), start=st.integers(0, 2), transpose=st.booleans())
+def test_rebuild_restores_strided_views(rows, cols, start, transpose):
+    base = torch.arange(float((rows + 3) * (cols + 3))).reshape(rows + 3, cols + 3)
+    view = base[start:start + rows, 1:1 + cols]
+    if transpose:
+        view = view.t()
+    meta = tensor_meta(view)
+    back = rebuild(compact(view), meta)
+    assert torch.equal(back, view)
+    assert back.stride() == view.stride() and back.storage_offset() == view.storage_offset()
+
+
+def test_signature_depends_on_shapes_dtypes_and_scalars():
+    def sig(*args):
+        spec, ts = encode_args(args, {})
+        return signature("aten.add.Tensor", spec, ts)
+
+    a = torch.ones(2, 3)
+    assert sig(a, a) == sig(torch.zeros(2, 3), torch.zeros(2, 3))  # values do not matter
+    assert sig(a, a) != sig(torch.ones(3, 2), torch.ones(3, 2))
+    assert sig(a, a) != sig(a.double(), a.double())
+    assert sig(a, 1.0) != sig(a, 2.0)
+    assert sig(a.t(), a.t()) != sig(a.t().contiguous(), a.t().contiguous())  # strides matter when not contiguous
+
+
+def test_content_hash_is_content_addressed():
+    x = torch.randn(10)
+    assert content_hash(x) == content_hash(x.clone())
+    assert content_hash(x) != content_hash(x + 1)
+    assert content_hash(x) != content_hash(x.reshape(2, 5))
+    assert content_hash(torch.zeros(3, dtype=torch.bool)) != content_hash(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_resolve_op_names_overloads():
+    assert resolve_op("aten.mm.default") is torch.ops.aten.mm.default
