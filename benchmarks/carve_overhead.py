@@ -16,8 +16,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _Bare(TorchDispatchMode):
+    """A dispatch mode that only forwards each call: the cost every op-level recorder pays before recording."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -35,7 +43,7 @@ def main() -> None:
     spec = zoo.get(a.model)
     work = spec.prepare(max_new_tokens=a.tokens)
     tmp = Path(tempfile.mkdtemp(prefix="tapml-bench-"))
-    plain, carved = [], []
+    plain, bare, carved = [], [], []
     try:
         with torch.no_grad():
             work.run()  # warm-up: first-call allocations and lazy init are nobody's overhead
@@ -44,6 +52,10 @@ def main() -> None:
             with torch.no_grad():
                 work.run()
             plain.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with torch.no_grad(), _Bare():
+                work.run()
+            bare.append(time.perf_counter() - t0)
             out = tmp / f"s{i}"
             t0 = time.perf_counter()
             r = carve(spec.name, out, workload=work, samples=a.samples, max_new_tokens=a.tokens, progress=False)
@@ -53,12 +65,14 @@ def main() -> None:
                       progress=False, naive_bytes=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    t_plain, t_carve = statistics.median(plain), statistics.median(carved)
+    t_plain, t_bare, t_carve = (statistics.median(x) for x in (plain, bare, carved))
     disk = naive.stats["disk_bytes"]
     print(f"model {spec.name} ({work.description}), {a.repeat} interleaved repeats, torch threads 1")
     print(f"  op calls per run          {r.calls}")
     print(f"  cases (signatures)        {naive.stats['cases']}  samples {naive.stats['samples']}")
     print(f"  plain eager (median)      {t_plain * 1e3:8.1f} ms")
+    print(f"  empty dispatch mode       {t_bare * 1e3:8.1f} ms  ({t_bare / t_plain:.2f}x: the floor of any "
+          "Python TorchDispatchMode)")
     print(f"  carve (median)            {t_carve * 1e3:8.1f} ms")
     print(f"  time ratio carve/eager    {t_carve / t_plain:8.2f}x   (goal <= 1.3x)")
     print(f"  naive recording           {naive.naive_bytes / 2**20:8.1f} MiB")

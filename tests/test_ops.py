@@ -24,8 +24,8 @@ def test_encode_decode_roundtrip_keeps_non_tensor_args():
 def test_compact_stores_broadcast_values_once():
     bias = torch.randn(64)
     expanded = bias.expand(1024, 64)
-    c = compact(expanded)
-    assert c.numel() == 64
+    c, span = compact(expanded)
+    assert c.numel() == 64 and not span
     back = rebuild(c, tensor_meta(expanded))
     assert torch.equal(back, expanded) and back.stride() == expanded.stride()
 
@@ -38,9 +38,18 @@ def test_rebuild_restores_strided_views(rows, cols, start, transpose):
     if transpose:
         view = view.t()
     meta = tensor_meta(view)
-    back = rebuild(compact(view), meta)
+    values, span = compact(view)
+    back = rebuild(values, {**meta, "span": True} if span else meta)
     assert torch.equal(back, view)
     assert back.stride() == view.stride() and back.storage_offset() == view.storage_offset()
+
+
+def test_transposed_weight_is_kept_as_its_memory_span():
+    w = torch.randn(64, 32)
+    values, span = compact(w.t())
+    assert span and values.data_ptr() == w.data_ptr()  # no transposing copy
+    back = rebuild(values.clone(), {**tensor_meta(w.t()), "span": True})
+    assert torch.equal(back, w.t()) and back.stride() == w.t().stride()
 
 
 def test_signature_depends_on_shapes_dtypes_and_scalars():

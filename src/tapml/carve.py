@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -96,6 +98,11 @@ def _load_user_model(ref: str) -> Workload:
 class Recorder(TorchDispatchMode):
     """Records every ATen call of a run; keeps up to `samples` samples per signature, counts all calls."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Recording never runs under torch.compile; the dynamo-disabling wrapper would cost ~5 µs per call.
+        return False
+
     def __init__(self, store: CaseStore, run_id: int, samples: int = 1, params: list[torch.Tensor] = (),
                  naive_bytes: bool = False, flush_samples: int = _FLUSH_SAMPLES):
         super().__init__()
@@ -111,44 +118,45 @@ class Recorder(TorchDispatchMode):
         self._pending_blobs: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._pending_samples: list[PendingSample] = []
-        self._counts: dict[str, list] = {}
+        self._counts: dict[str, list] = {}  # signature -> entry (see _entry)
+        self._by_key: dict[tuple, list] = {}  # fast call key -> the same entry
         # Hash cache for parameters/buffers only: their storage outlives the run, so a pointer can't be reused.
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
         self._param_hash: dict[tuple, str] = {}
+        self._writer = _Writer(store, run_id)
 
     # --- the dispatch hook ------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         index = self.calls
         self.calls += 1
-        name = op_name(func)
+        # Fast path: a hashable key of the call's shapes/dtypes/strides/scalars finds its entry without
+        # building the JSON signature; that is computed once per new key.
         try:
-            spec, tensors = encode_args(args, kwargs)
-            replayable, reason = True, None
-        except Unserializable as e:
-            spec, tensors = {"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}}, []
-            replayable, reason = False, str(e)
-        sig = signature(name, spec, tensors)
-        entry = self._counts.get(sig)
+            key = (func, _key(args), _key((kwargs,)) if kwargs else None)
+            entry = self._by_key.get(key)
+        except TypeError:  # an unhashable argument: take the slow path every time
+            key, entry = None, None
         if entry is None:
-            random = is_seeded_random(func)
-            entry = self._counts[sig] = [name, spec, [tensor_meta(t) for t in tensors], replayable, reason,
-                                         random, 0]
+            entry = self._entry(func, args, kwargs)
+            if key is not None:
+                self._by_key[key] = entry
         entry[6] += 1
-        take = replayable and self._sampled.get(sig, 0) < self.k
-        if not take:
+        sig = entry[7]
+        if not entry[3] or self._sampled.get(sig, 0) >= self.k:
             out = func(*args, **kwargs)
             if self.naive_bytes is not None:
-                self.naive_bytes += _nbytes(tensors) + _nbytes(pytree.tree_leaves(out))
+                self.naive_bytes += _nbytes(pytree.tree_leaves((args, kwargs))) + _nbytes(pytree.tree_leaves(out))
             return out
-
+        name, spec = entry[0], entry[1]
+        _, tensors = encode_args(args, kwargs)
         whole = name in _WHOLE_STORAGE
         mutates = bool(mutated_args(func))
         rng = None
         if entry[5]:
             gen = kwargs.get("generator")
             state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
-            rng = self._put(state.clone())
+            rng = self._put(state.clone(), owned=True)
         inputs = [self._capture(t, whole) for t in tensors] if mutates else None
         out = func(*args, **kwargs)
         if inputs is None:
@@ -168,46 +176,142 @@ class Recorder(TorchDispatchMode):
             self.flush()
         return out
 
+    def _entry(self, func, args: tuple, kwargs: dict) -> list:
+        """[op, spec, metas, replayable, reason, random, calls since last commit, signature] for this call."""
+        name = op_name(func)
+        try:
+            spec, tensors = encode_args(args, kwargs)
+            replayable, reason = True, None
+        except Unserializable as e:
+            spec = {"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}}
+            tensors, replayable, reason = [], False, str(e)
+        sig = signature(name, spec, tensors)
+        entry = self._counts.get(sig)
+        if entry is None:
+            entry = self._counts[sig] = [name, spec, [tensor_meta(t) for t in tensors], replayable, reason,
+                                         is_seeded_random(func), 0, sig]
+        return entry
+
     def _capture(self, t: torch.Tensor, whole: bool) -> list:
         meta = tensor_meta(t)
         if whole:
             n = t.untyped_storage().nbytes() // t.element_size()
-            values = torch.as_strided(t, (n,), (1,), 0).detach()
             meta = {**meta, "stride": list(t.stride()), "offset": t.storage_offset(), "storage": n}
-        else:
-            values = compact(t)
         key = None
-        if t.untyped_storage().data_ptr() in self._param_ptrs:
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
-                   t.dtype, t._version, whole)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in self._param_ptrs:
+            # A parameter view is hashed once per (view, version): weights used by every step cost nothing.
+            key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version, whole)
             h = self._param_hash.get(key)
             if h is not None:
                 return [h, meta]
-        h = self._put(values, share_ok=False)
+        if whole:
+            values = torch.as_strided(t, (meta["storage"],), (1,), 0)
+        else:
+            values, span = compact(t)
+            if span:
+                meta = {**meta, "span": True}
+        h = self._put(values, owned=values.untyped_storage().data_ptr() != ptr)
         if key is not None:
             self._param_hash[key] = h
         return [h, meta]
 
-    def _put(self, values: torch.Tensor, share_ok: bool = True) -> str:
+    def _put(self, values: torch.Tensor, owned: bool = False) -> str:
+        """Content-address `values`; keep a private copy when new (`owned`: already a fresh copy)."""
         values = values.detach()
         if not values.is_contiguous():
-            values = values.contiguous()
+            values, owned = values.contiguous(), True
         h = content_hash(values)
         if h not in self._known and h not in self._pending_blobs:
-            # A private copy: the original may be a view of a larger tensor or be mutated later.
-            self._pending_blobs[h] = values.clone()
+            # The original may be a view of a larger tensor or be mutated later: keep our own copy.
+            self._pending_blobs[h] = values if owned else values.clone()
             self._pending_bytes += values.numel() * values.element_size()
         return h
 
     def flush(self) -> None:
-        counts = {sig: tuple(v) for sig, v in self._counts.items() if v[6]}
+        """Hand the pending batch to the writer thread (blocks only when two batches are already queued)."""
+        counts = {sig: tuple(v[:7]) for sig, v in self._counts.items() if v[6]}
         if not (self._pending_samples or counts):
             return
-        self.store.commit(self.run_id, self._pending_blobs, self._pending_samples, counts, self.calls)
+        self._writer.submit(self._pending_blobs, self._pending_samples, counts, self.calls)
         self._known.update(self._pending_blobs)
         self._pending_blobs, self._pending_samples, self._pending_bytes = {}, [], 0
         for v in self._counts.values():
             v[6] = 0
+
+    def close(self) -> None:
+        """Wait until everything handed over is durable; re-raise a writer failure."""
+        self._writer.close()
+
+
+class _Writer:
+    """Writes batches (shard + SQLite commit) on a thread so storage I/O overlaps the model run.
+
+    Batches commit in order; a failure is re-raised in the recording thread at the next submit or close.
+    """
+
+    def __init__(self, store: CaseStore, run_id: int):
+        self.store, self.run_id = store, run_id
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="tapml-store-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is None:
+                try:
+                    self.store.commit(self.run_id, *item)
+                except BaseException as e:  # surfaced in the recording thread
+                    self.error = e
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def submit(self, blobs: dict, samples: list, counts: dict, calls: int) -> None:
+        self._check()
+        self.queue.put((blobs, samples, counts, calls))
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self._check()
+
+
+_Tensor = torch.Tensor
+
+
+def _key(args, _T=_Tensor) -> tuple:
+    """A hashable key at least as fine as the JSON signature (types of scalars kept: 1, 1.0 and True differ).
+
+    Raises TypeError for arguments it does not know; those calls take the full signature path.
+    """
+    out = []
+    add = out.append
+    for x in args:
+        if isinstance(x, _T):
+            off = x.storage_offset()
+            add((x.shape, x.dtype, x.stride(), off) if off or not x.is_contiguous() else (x.shape, x.dtype))
+            continue
+        t = type(x)
+        if t is int or t is str or x is None:
+            add(x)
+        elif t is float or t is bool:
+            add((t, x))
+        elif t is list or t is tuple:
+            add((t, _key(x)))
+        elif t is dict:
+            add(tuple((k, _key((v,))) for k, v in x.items()))
+        elif isinstance(x, (torch.dtype, torch.layout, torch.memory_format, torch.device)):
+            add(x)
+        else:
+            raise TypeError
+    return tuple(out)
 
 
 def _nbytes(xs: list) -> int:
@@ -266,8 +370,13 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
             stack.enter_context(rec)
             workload.run()
         rec.flush()
+        rec.close()
         store.finish_run(run_id, rec.calls)
     except BaseException as e:
+        try:
+            rec.close()
+        except BaseException:
+            pass  # the run is being discarded anyway
         store.discard_run(run_id)
         store.close()
         if fresh:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+import xxhash
 
 from tapml.errors import TapmlError
 
@@ -178,21 +179,43 @@ def tensor_meta(t: torch.Tensor) -> dict[str, Any]:
     return meta
 
 
-def compact(t: torch.Tensor) -> torch.Tensor:
-    """The distinct values of `t`: broadcast (stride-0) dims cut to size 1, then made contiguous.
+def compact(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The distinct values of `t` as a contiguous tensor, and whether they are in storage order.
 
-    An expanded [4096, 4096] view of a [4096] bias stores 4096 values, not 16 M.
+    Broadcast (stride-0) dims are cut to size 1: an expanded [4096, 4096] view of a [4096] bias keeps 4096
+    values. A permuted dense view (a transposed weight) keeps its memory span as it is — no transposing copy;
+    `rebuild` lays it out again from the recorded strides.
     """
-    if t.dim() and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
-        index = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
-        t = t[index]
-    return t.detach().contiguous()
+    t = t.detach()
+    if t.is_contiguous():
+        return t, False
+    stride = t.stride()
+    if any(s == 0 and n > 1 for s, n in zip(stride, t.shape)):
+        index = tuple(slice(0, 1) if s == 0 else slice(None) for s in stride)
+        return t[index].contiguous(), False
+    if _dense(t.shape, stride):
+        return torch.as_strided(t, (t.numel(),), (1,), t.storage_offset()), True
+    return t.contiguous(), False
+
+
+def _dense(shape: torch.Size, stride: tuple[int, ...]) -> bool:
+    """True when the view covers one gap-free memory span (a permutation of a contiguous tensor)."""
+    expected = 1
+    for s, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
+        if s != expected:
+            return False
+        expected *= n
+    return expected > 0
 
 
 def rebuild(values: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     """Inverse of `compact` + `tensor_meta`: a tensor with the recorded shape, strides and storage offset."""
     shape = meta["shape"]
     dtype = getattr(torch, meta["dtype"])
+    if meta.get("span"):  # storage-order values of a dense permuted view
+        storage = torch.zeros(meta["offset"] + values.numel(), dtype=dtype)
+        storage[meta["offset"]:] = values.reshape(-1)
+        return torch.as_strided(storage, shape, meta["stride"], meta["offset"])
     if "stride" not in meta:
         return values.reshape(shape).to(dtype).clone() if values.numel() else torch.empty(shape, dtype=dtype)
     stride, offset = meta["stride"], meta["offset"]
@@ -208,8 +231,8 @@ def rebuild(values: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
 
 
 def content_hash(t: torch.Tensor) -> str:
-    """Content address of a compact tensor: dtype, shape and bytes."""
-    h = hashlib.blake2b(digest_size=16)
+    """Content address of a compact tensor: dtype, shape and bytes (xxh3-128: fast enough to run per sample)."""
+    h = xxhash.xxh3_128()
     h.update(f"{t.dtype}|{list(t.shape)}|".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool

@@ -149,7 +149,7 @@ class CaseStore:
     @classmethod
     def _connect(cls, p: Path) -> "CaseStore":
         try:
-            db = sqlite3.connect(p / "cases.sqlite", timeout=30)
+            db = sqlite3.connect(p / "cases.sqlite", timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as e:
@@ -240,11 +240,13 @@ class CaseStore:
         tmp = final.with_suffix(".tmp")
         payload = {h: (t.reshape(-1).view(torch.uint8) if t.dtype in _RAW_DTYPES else t)
                    for h, t in blobs.items()}
-        data = safetensors.torch.save(payload)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        # save_file writes from Rust without holding the GIL, so the recording thread keeps running.
+        safetensors.torch.save_file(payload, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         return name
