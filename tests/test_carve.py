@@ -8,9 +8,9 @@ import sys
 import time
 
 import torch
-
 from conftest import MODELS, model_ref
-from tapml.carve import carve
+
+from tapml.carve import carve, load_workload
 from tapml.replay import run_tests
 from tapml.store import CaseStore
 
@@ -38,6 +38,20 @@ def test_inputs_are_captured_before_in_place_mutation(tmp_path):
     assert call.args[0].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]  # before the add
     assert call.outputs.tolist() == [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
     assert run_tests(str(tmp_path / "s"), "torch", progress=False).totals()["pass"] == 3
+
+
+def test_a_cached_parameter_view_keeps_its_layout(tmp_path):
+    """Regression: a transposed weight served from the hash cache must keep its `span` layout, or the
+    second call's case replays against a scrambled weight (found on Mixtral's grouped expert matmuls)."""
+    carve(model_ref("make_shared_transposed"), tmp_path / "s", progress=False)
+    with CaseStore.open(tmp_path / "s") as st:
+        mms = [c for c in st.cases() if c.op == "aten.mm.default"]
+        assert len(mms) == 2
+        weights = [st.load_call(c, st.samples(c.id)[0]).args[1] for c in mms]
+    _, work = load_workload(model_ref("make_shared_transposed"))
+    for w in weights:
+        assert torch.equal(w, work.model.w.detach().t())
+    assert run_tests(str(tmp_path / "s"), "torch", progress=False).totals()["fail"] == 0
 
 
 def test_samples_per_signature_and_content_addressing_shrink_the_store(tmp_path):

@@ -6,6 +6,7 @@ on-disk layout belongs to `store.py`, and model construction to `tapml.zoo` / `l
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import queue
@@ -13,18 +14,30 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapml.errors import TapmlError
-from tapml.ops import (Provenance, Unserializable, compact, content_hash, encode_args, encode_value,
-                       is_seeded_random, mutated_args, op_name, signature, tensor_meta)
+from tapml.ops import (
+    Provenance,
+    Unserializable,
+    compact,
+    content_hash,
+    encode_args,
+    encode_value,
+    is_seeded_random,
+    mutated_args,
+    op_name,
+    signature,
+    tensor_meta,
+)
 from tapml.store import CaseStore, PendingSample
 
 # Ops that may read storage outside their input view: the whole storage is kept for them.
@@ -122,7 +135,7 @@ class Recorder(TorchDispatchMode):
         self._by_key: dict[tuple, list] = {}  # fast call key -> the same entry
         # Hash cache for parameters/buffers only: their storage outlives the run, so a pointer can't be reused.
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-        self._param_hash: dict[tuple, str] = {}
+        self._param_hash: dict[tuple, tuple[str, dict]] = {}
         self._writer = _Writer(store, run_id)
 
     # --- the dispatch hook ------------------------------------------------------------------------------
@@ -202,9 +215,9 @@ class Recorder(TorchDispatchMode):
         if ptr in self._param_ptrs:
             # A parameter view is hashed once per (view, version): weights used by every step cost nothing.
             key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version, whole)
-            h = self._param_hash.get(key)
-            if h is not None:
-                return [h, meta]
+            hit = self._param_hash.get(key)
+            if hit is not None:
+                return [hit[0], hit[1]]  # the meta too: it says how the blob was laid out (span)
         if whole:
             values = torch.as_strided(t, (meta["storage"],), (1,), 0)
         else:
@@ -213,7 +226,7 @@ class Recorder(TorchDispatchMode):
                 meta = {**meta, "span": True}
         h = self._put(values, owned=values.untyped_storage().data_ptr() != ptr)
         if key is not None:
-            self._param_hash[key] = h
+            self._param_hash[key] = (h, meta)
         return [h, meta]
 
     def _put(self, values: torch.Tensor, owned: bool = False) -> str:
@@ -373,10 +386,8 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
         rec.close()
         store.finish_run(run_id, rec.calls)
     except BaseException as e:
-        try:
+        with contextlib.suppress(BaseException):  # the run is being discarded anyway
             rec.close()
-        except BaseException:
-            pass  # the run is being discarded anyway
         store.discard_run(run_id)
         store.close()
         if fresh:

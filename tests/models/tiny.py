@@ -70,3 +70,21 @@ def make_raises():
 
 def make_bad_return():
     return 42
+
+
+class SharedTransposedWeight(torch.nn.Module):
+    """A transposed parameter view (stored as a dense span) used by calls of two different signatures."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x):
+        a = torch.mm(x, self.w.t())
+        b = torch.mm(x[:1], self.w.t())  # a new signature, the same weight view: served from the hash cache
+        return a.sum() + b.sum()
+
+
+def make_shared_transposed():
+    torch.manual_seed(0)
+    return SharedTransposedWeight(), (torch.randn(3, 4),)
