@@ -89,3 +89,12 @@ def test_half_precision_gets_a_larger_multiplier():
 def test_shape_mismatch_fails_with_reason():
     v = compare_tensor(torch.ones(2, 3), torch.ones(3, 2), None)
     assert not v.passed and "shape" in v.reason
+
+
+def test_uninitialized_outputs_are_judged_by_shape_and_dtype_only():
+    ref = torch.full((2, 3), 7.0)
+    v = judge("aten.empty_like.default", (ref,), torch.full((2, 3), -1.0), ref, None)
+    assert v.passed and v.rule == "uninitialized:shape-dtype"
+    v = judge("aten.empty.memory_format", ([2, 3],), torch.zeros(3, 2), ref, None)
+    assert not v.passed and "[3, 2]" in v.reason
+    assert not judge("aten.empty_like.default", (ref,), torch.zeros(2, 3, dtype=torch.float16), ref, None).passed

@@ -2,7 +2,8 @@
 
 Floating outputs use the fp64-oracle rule (DESIGN.md): pass when e_tgt ≤ k·e_ref + atol(dtype), errors being
 RMSE against a float64 run of the same op. Integers/bools are exact; index outputs of ops with ties compare the
-values they select; NaN/Inf positions must match. Metrics are reported either way; the rule decides.
+values they select; NaN/Inf positions must match; ops that return uninitialized memory (empty*) are judged by
+shape and dtype only. Metrics are reported either way; the rule decides.
 """
 
 from __future__ import annotations
@@ -122,9 +123,25 @@ def _tie_values(op: str, args: tuple, out: Any, which: int | None, dim_pos: int)
     return x.gather(dim, idx)
 
 
+# Ops whose output values are uninitialized memory: only shape, dtype (and strides) are specified.
+_UNINITIALIZED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
+                  "aten.new_empty_strided", "aten.empty_permuted"}
+
+
+def _judge_uninitialized(out: Any, ref: Any) -> Verdict:
+    for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref)):
+        if not isinstance(o, torch.Tensor) or (tuple(o.shape), o.dtype) != (tuple(r.shape), r.dtype):
+            got = f"{list(o.shape)} {o.dtype}" if isinstance(o, torch.Tensor) else type(o).__name__
+            return Verdict(False, "uninitialized:shape-dtype",
+                           reason=f"got {got}, reference {list(r.shape)} {r.dtype}")
+    return Verdict(True, "uninitialized:shape-dtype")
+
+
 def judge(op: str, args: tuple, out: Any, ref: Any, oracle: Any, random: bool = False) -> Verdict:
     """Judge an op's whole output pytree; the verdict fails on the first failing leaf and names it."""
     kind = op.rsplit(".", 1)[0]
+    if kind in _UNINITIALIZED:
+        return _judge_uninitialized(out, ref)
     tie = _TIE_OPS.get(op.removesuffix(".default"), _TIE_OPS.get(kind))
     if tie is not None:
         which, dim_pos = tie
@@ -144,8 +161,8 @@ def judge(op: str, args: tuple, out: Any, ref: Any, oracle: Any, random: bool = 
         if isinstance(oracle, (tuple, list)):
             oracle = list(oracle)
             oracle[which] = None
-    out_leaves, out_spec = pytree.tree_flatten(out)
-    ref_leaves, ref_spec = pytree.tree_flatten(ref)
+    out_leaves = pytree.tree_leaves(out)
+    ref_leaves = pytree.tree_leaves(ref)
     if len(out_leaves) != len(ref_leaves):
         return Verdict(False, "structure", reason=f"{len(out_leaves)} outputs, reference has {len(ref_leaves)}")
     or_leaves = pytree.tree_leaves(oracle) if oracle is not None else [None] * len(ref_leaves)
