@@ -19,3 +19,20 @@ def tiny() -> str:
 
 def model_ref(fn: str) -> str:
     return f"{MODELS / 'tiny.py'}:{fn}"
+
+
+ZOO_NEW_TOKENS = 2  # prefill + one decode step: every phase kind is carved, CI time stays low
+
+
+@pytest.fixture(scope="session")
+def zoo_stores(tmp_path_factory) -> dict[str, Path]:
+    """Every zoo model carved once per session (shared by the reference and target-backend tests)."""
+    from tapml import zoo
+    from tapml.carve import carve
+
+    root = tmp_path_factory.mktemp("zoo-stores")
+    out = {}
+    for spec in zoo.catalog():
+        carve(spec.name, root / spec.name, max_new_tokens=ZOO_NEW_TOKENS, progress=False)
+        out[spec.name] = root / spec.name
+    return out
