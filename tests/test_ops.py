@@ -6,8 +6,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tapml.ops import (compact, content_hash, decode_args, encode_args, rebuild, resolve_op, signature,
-                       tensor_meta)
+from tapml.ops import (
+    compact,
+    content_hash,
+    decode_args,
+    encode_args,
+    rebuild,
+    resolve_op,
+    signature,
+    tensor_meta,
+)
 
 
 def test_encode_decode_roundtrip_keeps_non_tensor_args():

@@ -2,8 +2,8 @@
 never counted as passes."""
 
 import torch
-
 from conftest import model_ref
+
 from tapml.backends import Backend
 from tapml.backends.reference import TorchBackend
 from tapml.carve import carve

@@ -3,8 +3,8 @@
 import sqlite3
 
 import pytest
-
 from conftest import model_ref
+
 from tapml.carve import carve
 from tapml.errors import TapmlError
 from tapml.store import CaseStore

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -35,7 +34,7 @@ def _human(n: float) -> str:
 def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or path/to/file.py:make_model"),
           out_dir: Path = typer.Option(..., "--out", help="case store directory (created or extended)"),
           max_new_tokens: int = typer.Option(8, help="tokens to generate for LLMs (prefill + N-1 decode steps)"),
-          prompt: Optional[str] = typer.Option(None, help="use this text instead of the shipped prompts"),
+          prompt: str | None = typer.Option(None, help="use this text instead of the shipped prompts"),
           samples: int = typer.Option(1, help="samples kept per signature"),
           progress: bool = typer.Option(True, help="show a progress bar")) -> None:
     """Run MODEL on PyTorch and record every ATen op call into a case store."""
@@ -86,9 +85,9 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
 @app.command()
 def test(store: Path = typer.Argument(..., help="case store directory"),
          backend: str = typer.Option(..., "--backend", help="backend name (see `tapml backends`)"),
-         json_out: Optional[Path] = typer.Option(None, "--json", help="write one JSON record per case"),
-         html_out: Optional[Path] = typer.Option(None, "--html", help="write a self-contained HTML report"),
-         k: Optional[str] = typer.Option(None, "-k", help="only ops matching PATTERN (substring, `not`, `or`)"),
+         json_out: Path | None = typer.Option(None, "--json", help="write one JSON record per case"),
+         html_out: Path | None = typer.Option(None, "--html", help="write a self-contained HTML report"),
+         k: str | None = typer.Option(None, "-k", help="only ops matching PATTERN (substring, `not`, `or`)"),
          progress: bool = typer.Option(True, help="show a progress bar")) -> None:
     """Replay every case on BACKEND; exit 0 when all supported cases pass, 1 when any fails."""
     from tapml.backends import get_backend
@@ -114,7 +113,7 @@ def test(store: Path = typer.Argument(..., help="case store directory"),
 def export_pytest(store: Path = typer.Argument(..., help="case store directory"),
                   backend: str = typer.Option(..., "--backend"),
                   out_file: Path = typer.Option(..., "--out", help="pytest file to write"),
-                  k: Optional[str] = typer.Option(None, "-k")) -> None:
+                  k: str | None = typer.Option(None, "-k")) -> None:
     """Write a standalone pytest file that replays the store's cases on BACKEND."""
     from tapml.backends import get_backend
     from tapml.testing.export import export_pytest as do_export

@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -58,7 +58,7 @@ class OpCall:
         return [x for x in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(x, torch.Tensor)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def resolve_op(name: str) -> torch._ops.OpOverload:
     """`aten.mm.default` -> torch.ops.aten.mm.default; a clear error when the overload does not exist here."""
     parts = name.split(".")
@@ -71,7 +71,7 @@ def resolve_op(name: str) -> torch._ops.OpOverload:
         raise TapmlError(f"op {name} does not exist in this torch {torch.__version__}: {e}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def mutated_args(func: torch._ops.OpOverload) -> tuple[str, ...]:
     """Names of the schema arguments the op writes to (in-place self, out=)."""
     return tuple(

@@ -7,8 +7,9 @@ that did not run is ever reported as passed. Rendering the results belongs to `t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree

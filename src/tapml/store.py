@@ -13,9 +13,10 @@ import sqlite3
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Self
 
 import safetensors
 import safetensors.torch
@@ -117,7 +118,7 @@ class CaseStore:
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike) -> "CaseStore":
+    def create(cls, path: str | os.PathLike) -> CaseStore:
         """Open the store at `path`, creating it (and the directory) when absent."""
         p = Path(path)
         if p.exists() and not p.is_dir():
@@ -136,7 +137,7 @@ class CaseStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "CaseStore":
+    def open(cls, path: str | os.PathLike) -> CaseStore:
         p = Path(path)
         if not p.exists():
             raise TapmlError(f"no case store at {p}: carve one first with `tapml carve MODEL --out {p}`")
@@ -147,7 +148,7 @@ class CaseStore:
         return store
 
     @classmethod
-    def _connect(cls, p: Path) -> "CaseStore":
+    def _connect(cls, p: Path) -> CaseStore:
         try:
             db = sqlite3.connect(p / "cases.sqlite", timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -171,7 +172,7 @@ class CaseStore:
         self._shards.clear()
         self.db.close()
 
-    def __enter__(self) -> "CaseStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
