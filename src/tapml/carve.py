@@ -202,7 +202,7 @@ class Recorder(TorchDispatchMode):
         entry = self._counts.get(sig)
         if entry is None:
             entry = self._counts[sig] = [name, spec, [tensor_meta(t) for t in tensors], replayable, reason,
-                                         is_seeded_random(func), 0, sig]
+                                         is_seeded_random(func, args, kwargs), 0, sig]
         return entry
 
     def _capture(self, t: torch.Tensor, whole: bool) -> list:
@@ -378,7 +378,7 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
         with ExitStack() as stack:
             steps = max_new_tokens if workload.generates else None
             bar = stack.enter_context(_progress(progress, name, steps))
-            _attach_provenance(stack, workload, rec, bar)
+            attach_provenance(stack, workload, rec, bar)
             stack.enter_context(torch.no_grad())
             stack.enter_context(rec)
             workload.run()
@@ -409,7 +409,7 @@ def _clear_new_store(out: Path) -> None:
     shutil.rmtree(out / "blobs", ignore_errors=True)
 
 
-def _attach_provenance(stack: ExitStack, workload: Workload, rec: Recorder, bar: Any) -> None:
+def attach_provenance(stack: ExitStack, workload: Workload, rec: Recorder, bar: Any) -> None:
     """Module path from forward hooks on every submodule; phase from the top module's forward count."""
     names = {id(m): n for n, m in workload.model.named_modules()}
     stack_names: list[str] = []

@@ -30,9 +30,13 @@ class Provenance:
     module: str = ""
     phase: str = "forward"
     index: int = 0
+    op_index: int | None = None  # the n-th call of this overload in the run (known in live runs, not in stores)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run": self.run, "module": self.module, "phase": self.phase, "index": self.index}
+        d = {"run": self.run, "module": self.module, "phase": self.phase, "index": self.index}
+        if self.op_index is not None:
+            d["op_index"] = self.op_index
+        return d
 
 
 @dataclass
@@ -79,8 +83,23 @@ def mutated_args(func: torch._ops.OpOverload) -> tuple[str, ...]:
     )
 
 
-def is_seeded_random(func: torch._ops.OpOverload) -> bool:
-    return _SEEDED in func.tags
+def is_seeded_random(func: torch._ops.OpOverload, args: tuple | None = None, kwargs: dict | None = None) -> bool:
+    """Whether the call draws from the generator. Given the call's arguments, a dropout with probability 0
+    (SDPA's `dropout_p=0.0`, `native_dropout(p=0)`) or `train=False` draws nothing and is deterministic."""
+    if _SEEDED not in func.tags:
+        return False
+    if args is None:
+        return True
+    kwargs = kwargs or {}
+    for i, a in enumerate(func._schema.arguments):
+        if a.name not in ("dropout_p", "p", "train"):
+            continue
+        value = kwargs[a.name] if a.name in kwargs else args[i] if i < len(args) else a.default_value
+        if a.name == "train" and value is False:
+            return False
+        if a.name in ("dropout_p", "p") and isinstance(value, (int, float)) and value == 0:
+            return False
+    return True
 
 
 def op_name(func: torch._ops.OpOverload) -> str:

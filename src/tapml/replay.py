@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from tapml.backends import Backend, get_backend
 from tapml.backends.reference import Float64Backend
 from tapml.compare import Verdict, judge
+from tapml.errors import TapmlError
 from tapml.ops import OpCall, describe_signature
 from tapml.store import Case, CaseStore
 
@@ -100,7 +101,10 @@ def check_sample(backend: Backend, oracle: Backend, case: Case, call: OpCall) ->
     """Run one sample on `backend` and judge it. Returns (status, verdict, reason)."""
     if case.random and not getattr(backend, "replays_torch_rng", False):
         return "unsupported", None, "seeded random op: this backend cannot reproduce torch's CPU generator stream"
-    reason = backend.supports(call)
+    try:
+        reason = backend.supports(call)
+    except TapmlError as e:  # e.g. a TVM kernel case (`tvm.fused_*`) offered to an ATen backend
+        reason = str(e)
     if reason:
         return "unsupported", None, reason
     try:

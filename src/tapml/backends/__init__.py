@@ -37,6 +37,10 @@ class Backend:
 
     def supports(self, call: OpCall) -> str | None:
         """None when `call` can run, else why not (reported as `unsupported`, never as pass)."""
+        try:
+            call.func()
+        except TapmlError as e:  # not an ATen overload of this torch (e.g. a TVM kernel case)
+            return str(e)
         return None
 
     def upload(self, t: torch.Tensor) -> Any:

@@ -36,7 +36,7 @@ class TorchBackend(Backend):
         kwargs = dict(call.kwargs)
         if "device" in kwargs and kwargs["device"] is not None:
             kwargs["device"] = self.device
-        if is_seeded_random(func) and call.rng_state is not None:
+        if is_seeded_random(func, call.args, call.kwargs) and call.rng_state is not None:
             # Replay the recorded generator stream exactly; the caller's global RNG is left untouched.
             with torch.random.fork_rng(devices=[]):
                 torch.set_rng_state(call.rng_state)
@@ -55,7 +55,7 @@ class Float64Backend(TorchBackend):
         self.narrow = narrow
 
     def execute(self, call: OpCall) -> Any:
-        if is_seeded_random(call.func()):
+        if is_seeded_random(call.func(), call.args, call.kwargs):
             # A draw in float64 is a different stream; the exact replay in the op's own dtype is the oracle.
             return TorchBackend(str(self.device)).execute(call)
         out = super().execute(call)
