@@ -1,0 +1,181 @@
+"""`tapml debug`: the whole top-down flow in one call — carve, test the carved cases on the target, run the
+model with every op on the target (local check on each: the per-op error curve), localize the first op
+instance that breaks the end-to-end result, write its repro, and render one HTML report.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tapml.carve import CarveResult, carve, load_workload
+from tapml.migrate.localize import DEFAULT_TOL, Localization, Session, localize, make_target
+from tapml.migrate.placement import Placement
+from tapml.migrate.repro import save_culprit, write_repro
+from tapml.replay import TestRun, run_tests
+
+
+@dataclass
+class DebugResult:
+    model: str
+    target: str
+    carved: CarveResult
+    tested: TestRun
+    drift: list[dict]  # per target op of the all-on-target run: call, op, module, phase, local/accumulated
+    e2e: dict
+    localization: Localization | None
+    repro: str | None
+    html: str | None
+
+    @property
+    def exit_code(self) -> int:
+        bad = self.tested.totals()["fail"] + self.tested.totals()["error"]
+        return 1 if bad or (self.localization and self.localization.culprit) or not self.e2e["passed"] else 0
+
+
+def debug(model: str, target: str, out_dir: str | Path | None = None, inject: str | None = None,
+          strategy: str = "bisect", max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
+          html_out: str | Path | None = None, remote: str | None = None, token_file: str | None = None,
+          log: Any = None) -> DebugResult:
+    say = log or (lambda s: None)
+    work_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="tapml-debug-"))
+    backend = make_target(_open(target, remote, token_file), inject)
+    try:
+        name, workload = load_workload(model, prompt, max_new_tokens)
+        store = work_dir / "cases"
+        say(f"1/4 carve {name} into {store}")
+        carved = carve(name, store, workload=workload, progress=False)
+        say(f"2/4 replay {carved.cases} carved cases on {backend.name}")
+        tested = run_tests(str(store), backend, progress=False)
+        say("3/4 run the model with every op on the target, checking each op against the reference")
+        session = Session(workload, backend, tol)
+        run, verdict = session.trial(Placement.all(), local_check=Placement.all())
+        drift = [r.as_dict() for r in run.records]
+        loc, repro = None, None
+        if not verdict.passed:
+            say(f"4/4 the result diverges (rel. error {verdict.rel_error:.3g}); localizing with {strategy}")
+            loc = localize(workload, name, backend, strategy, tol, inject)
+            if loc.culprit is not None and loc.culprit_inputs is not None:
+                case = save_culprit(loc, work_dir / "culprit")
+                result = migration_json(loc, target, inject, str(work_dir / "culprit"), case)
+                (work_dir / "migrate.json").write_text(json.dumps(result, indent=1, default=str))
+                repro = str(write_repro(result, work_dir / "test_repro.py"))
+        else:
+            say("4/4 the end-to-end result matches the reference: nothing to localize")
+        res = DebugResult(name, backend.name, carved, tested, drift, verdict.as_dict(), loc, repro, None)
+        if html_out:
+            from tapml.report import write_atomic
+
+            write_atomic(html_out, to_html(res))
+            res.html = str(html_out)
+        return res
+    finally:
+        backend.close()
+
+
+def _open(target: str, remote: str | None, token_file: str | None):
+    if remote is None and target != "remote":
+        return target
+    from tapml.remote import open_backend
+
+    return open_backend(target, remote, token_file)
+
+
+def migration_json(loc: Localization, target: str, inject: str | None, store: str | None,
+                   case: int | None) -> dict[str, Any]:
+    """The JSON `tapml migrate --json` writes (and `tapml repro` reads)."""
+    d = loc.as_dict()
+    d.update(backend=target, inject=inject, culprit_store=store, culprit_case=case)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+
+
+def _curve_svg(drift: list[dict], culprit_call: int | None, width: int = 900, height: int = 260) -> str:
+    pts = [(d["call"], d.get("local_error"), d.get("accumulated_error")) for d in drift]
+    if not pts:
+        return "<p>(no target ops)</p>"
+    n = max(p[0] for p in pts) + 1
+    lo, hi = -12.0, 1.0
+
+    def y(v: float | None) -> float | None:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        lv = hi if v == math.inf else max(lo, min(hi, math.log10(max(v, 1e-300))))
+        return 10 + (hi - lv) / (hi - lo) * (height - 40)
+
+    def x(c: int) -> float:
+        return 50 + c / max(n - 1, 1) * (width - 60)
+
+    dots = []
+    for c, le, ae in pts:
+        if (ya := y(ae)) is not None:
+            dots.append(f'<circle cx="{x(c):.1f}" cy="{ya:.1f}" r="1.6" fill="#e08a00" opacity=".6"/>')
+        if (yl := y(le)) is not None:
+            dots.append(f'<circle cx="{x(c):.1f}" cy="{yl:.1f}" r="1.6" fill="#1f6fd1"/>')
+    ticks = "".join(f'<text x="4" y="{y(10.0 ** e) + 4:.0f}" font-size="10">1e{e}</text>'
+                    for e in range(int(lo), int(hi) + 1, 3))
+    mark = ""
+    if culprit_call is not None:
+        mark = (f'<line x1="{x(culprit_call):.1f}" x2="{x(culprit_call):.1f}" y1="5" y2="{height - 28}" '
+                f'stroke="#c62828" stroke-dasharray="4 3"/><text x="{x(culprit_call) + 4:.1f}" y="14" '
+                f'font-size="11" fill="#c62828">culprit (call {culprit_call})</text>')
+    return (f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+            f'<rect x="50" y="5" width="{width - 60}" height="{height - 35}" fill="#fafafa" stroke="#ddd"/>'
+            f'{ticks}{"".join(dots)}{mark}<text x="50" y="{height - 8}" font-size="11">op call in the run (0 … '
+            f'{n - 1}) · <tspan fill="#1f6fd1">● local error</tspan> · <tspan fill="#e08a00">● accumulated '
+            f'error</tspan> (relative RMS, log scale)</text></svg>')
+
+
+def to_html(res: DebugResult) -> str:
+    esc = html.escape
+    t = res.tested.totals()
+    kinds = "".join(
+        f"<tr><td>{esc(op)}</td><td>{row['pass'] or ''}</td><td>{row['fail'] or ''}</td>"
+        f"<td>{row['unsupported'] or ''}</td><td>{row['error'] or ''}</td><td>{row['calls']}</td></tr>"
+        for op, row in res.tested.by_kind().items())
+    loc = res.localization
+    c = loc.culprit if loc else None
+    culprit = "<p>No divergence: the model's end-to-end result on the target matches the reference.</p>"
+    if c is not None:
+        repro = Path(res.repro).read_text() if res.repro else "(no repro: inputs were not recorded)"
+        culprit = (f"<table><tr><th>op</th><td><code>{esc(c.op)}</code> instance @{c.index}</td></tr>"
+                   f"<tr><th>call</th><td>{c.call} of {loc.calls}</td></tr>"
+                   f"<tr><th>module</th><td><code>{esc(c.module)}</code></td></tr><tr><th>phase</th>"
+                   f"<td>{esc(c.phase)}</td></tr><tr><th>verdict</th><td><b>{esc(c.verdict)}</b></td></tr>"
+                   f"<tr><th>local error</th><td>{_f(c.local_error)}</td></tr><tr><th>accumulated error</th>"
+                   f"<td>{_f(c.accumulated_error)}</td></tr><tr><th>found by</th><td>{esc(loc.strategy)} in "
+                   f"{loc.runs} model runs, {loc.seconds:.1f}s</td></tr></table>"
+                   f"<h3>Repro <code>{esc(res.repro or '')}</code></h3><pre>{esc(repro)}</pre>")
+    e = res.e2e
+    div = e.get("first_divergent_token")
+    e2e = (f"relative error {e['rel_error']:.3g} (tolerance {e['tol']:g}); "
+           + (f"first divergent token at step {div['step']} row {div['row']}: reference {div['reference']}, "
+              f"target {div['target']}" if div else "generated tokens identical"))
+    steps = "".join(f"<tr><td>{s['phase']}</td><td>{s['max_abs']:.3g}</td><td>{s['kl']:.3g}</td>"
+                    f"<td>{s['top5_overlap']:.2f}</td></tr>" for s in e.get("steps", []))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>TapML debug: {esc(res.model)} on {esc(res.target)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;font-size:12px}}
+td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left}} pre{{background:#f6f6f6;padding:8px;font-size:11px}}</style>
+</head><body><h1>TapML debug: {esc(res.model)} on {esc(res.target)}</h1>
+<h2>1. Carved op tests</h2><p>{res.carved.calls} op calls → {t['cases']} cases: <b>{t['pass']}</b> passed,
+<b>{t['fail']}</b> failed, {t['unsupported']} unsupported, {t['error']} errors.</p>
+<table><tr><th>op</th><th>pass</th><th>fail</th><th>unsupported</th><th>error</th><th>calls</th></tr>{kinds}</table>
+<h2>2. Every op on the target: error along the run</h2>{_curve_svg(res.drift, c.call if c else None)}
+<p>End to end: <b>{'pass' if e['passed'] else 'FAIL'}</b> — {esc(e2e)}</p>
+<table><tr><th>step</th><th>max |Δ logits|</th><th>KL</th><th>top-5 overlap</th></tr>{steps}</table>
+<h2>3. Culprit</h2>{culprit}
+</body></html>
+"""
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+

@@ -1,0 +1,387 @@
+"""Localization: migrate a model to the target step by step until the end-to-end result breaks, and name the
+first op instance that breaks it, telling local error (the op is wrong) from accumulated error (its inputs
+had drifted).
+
+Strategies: `carved` (replay the carved store), `by-kind` (op kinds one at a time, most frequent first, then
+the instance), `bisect` (the shortest prefix of the run on the target that breaks the verdict), `by-module`
+(layer by layer, then the instance). Every strategy counts the model runs it used.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tapml.backends import Backend, get_backend
+from tapml.carve import Workload, load_workload
+from tapml.errors import TapmlError
+from tapml.migrate.mixed import OpRecord, RunResult, run_mixed
+from tapml.migrate.placement import Placement
+
+STRATEGIES = ("bisect", "by-kind", "by-module", "carved")
+DEFAULT_TOL = 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- verdicts
+
+
+@dataclass
+class E2EVerdict:
+    """End-to-end: outputs for plain models; for LLMs the generated tokens and the logits per step."""
+
+    passed: bool
+    rel_error: float  # max |Δ| / max |reference| over outputs (or logits of every step)
+    tol: float
+    first_divergent_token: dict | None = None  # {"step", "row", "reference", "target"}
+    steps: list[dict] = field(default_factory=list)  # per step: max_abs, kl, top5_overlap
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def compare_runs(golden: RunResult, run: RunResult, generates: bool, tol: float) -> E2EVerdict:
+    """Judge a mixed run against the clean reference run."""
+    first = None
+    steps = []
+    if generates and golden.logits:
+        n = len(golden.logits)
+        g_tok, t_tok = golden.output, run.output
+        if isinstance(g_tok, torch.Tensor) and isinstance(t_tok, torch.Tensor) and g_tok.shape == t_tok.shape:
+            gen_g, gen_t = g_tok[:, -n:], t_tok[:, -n:]
+            diff = (gen_g != gen_t).nonzero()
+            if len(diff):
+                s = int(diff[:, 1].min())
+                row = int(diff[diff[:, 1] == s][0, 0])
+                first = {"step": s, "row": row, "reference": int(gen_g[row, s]), "target": int(gen_t[row, s])}
+        rel = 0.0
+        for s, (g, t) in enumerate(zip(golden.logits, run.logits)):
+            if g.shape != t.shape:
+                rel = math.inf
+                break
+            max_abs = float((g - t).abs().max())
+            lp_g, lp_t = torch.log_softmax(g.double(), -1), torch.log_softmax(t.double(), -1)
+            kl = float((lp_g.exp() * (lp_g - lp_t)).sum(-1).mean())
+            k = min(5, g.shape[-1])
+            top_g, top_t = g.topk(k, -1).indices, t.topk(k, -1).indices
+            overlap = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top_g, top_t))
+                            / (k * g.shape[0]))
+            steps.append({"step": s, "phase": "prefill" if s == 0 else f"decode:{s - 1}", "max_abs": max_abs,
+                          "kl": kl, "top5_overlap": overlap})
+            rel = max(rel, max_abs / max(float(g.abs().max()), 1e-12))
+        if len(run.logits) != len(golden.logits):
+            rel = math.inf
+        passed = first is None and rel <= tol
+        return E2EVerdict(passed, rel, tol, first, steps)
+    rel = _rel_max(golden.output, run.output)
+    return E2EVerdict(rel <= tol, rel, tol)
+
+
+def _rel_max(a: Any, b: Any) -> float:
+    import torch.utils._pytree as pytree
+
+    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    if len(la) != len(lb):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return math.inf
+        if not x.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(x, y) else math.inf)
+            continue
+        x, y = x.double(), y.double()
+        if not torch.equal(torch.isfinite(x), torch.isfinite(y)):
+            return math.inf
+        m = torch.isfinite(x)
+        if m.any():
+            worst = max(worst, float((x[m] - y[m]).abs().max()) / max(float(x[m].abs().max()), 1e-12))
+    return worst
+
+
+# ----------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Culprit:
+    op: str
+    index: int | None  # the n-th call of this overload in the run (from 0)
+    call: int  # position in the whole run
+    module: str
+    phase: str
+    local_error: float | None
+    accumulated_error: float | None
+    local_pass: bool | None
+    local_rule: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.local_pass is False:
+            return "local: the op is wrong on its own inputs"
+        if self.local_pass is True:
+            return "accumulated: the op is right on its inputs; drift it received broke the result"
+        return "unknown"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "verdict": self.verdict}
+
+
+@dataclass
+class Localization:
+    model: str
+    target: str
+    strategy: str
+    diverged: bool
+    culprit: Culprit | None
+    runs: int
+    seconds: float
+    calls: int  # op instances in one run
+    e2e: E2EVerdict | None  # the verdict of the run that put the most on the target
+    crossings: dict = field(default_factory=dict)
+    refused: dict = field(default_factory=dict)
+    trials: list[dict] = field(default_factory=list)  # what each model run placed and its verdict
+    note: str = ""
+    drift: list[dict] = field(default_factory=list)  # per target op: call, op, local and accumulated error
+    culprit_inputs: tuple | None = None  # host copies of the culprit's inputs (for the repro store)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.culprit is not None or self.diverged else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("culprit_inputs",)}
+        d["culprit"] = self.culprit.as_dict() if self.culprit else None
+        d["e2e"] = self.e2e.as_dict() if self.e2e else None
+        return d
+
+
+# ----------------------------------------------------------------------------------------------- session
+
+
+class Session:
+    """One workload against one target: counts model runs, keeps the clean reference run."""
+
+    def __init__(self, workload: Workload, target: Backend, tol: float = DEFAULT_TOL,
+                 on_trial: Callable[[str, E2EVerdict], None] | None = None):
+        self.workload, self.target, self.tol = workload, target, tol
+        self.runs = 0
+        self.trials: list[dict] = []
+        self.on_trial = on_trial
+        self.golden: RunResult | None = None
+        self.widest: tuple[RunResult, E2EVerdict] | None = None
+
+    def reference(self) -> RunResult:
+        if self.golden is None:
+            self.golden = run_mixed(self.workload, None, Placement.none(), keep_outputs=True)
+            self.runs += 1
+        return self.golden
+
+    def trial(self, placement: Placement, check: int | None = None,
+              local_check: Placement | None = None) -> tuple[RunResult, E2EVerdict]:
+        golden = self.reference()
+        if check is not None:
+            local_check = Placement(instances=frozenset([check]))
+        keep = frozenset([check]) if check is not None else frozenset()
+        run = run_mixed(self.workload, self.target, placement, local_check, keep, golden=golden.golden)
+        self.runs += 1
+        v = compare_runs(golden, run, self.workload.generates, self.tol)
+        self.trials.append({"placement": placement.describe(), "on_target": run.on_target,
+                            "passed": v.passed, "rel_error": v.rel_error})
+        if self.widest is None or run.on_target > self.widest[0].on_target:
+            self.widest = (run, v)
+        if self.on_trial:
+            self.on_trial(placement.describe(), v)
+        return run, v
+
+    def culprit(self, run: RunResult, call: int) -> tuple[Culprit, tuple | None]:
+        op, k, module, phase = self.reference().trace[call]
+        rec: OpRecord | None = next((r for r in run.records if r.call == call), None)
+        if rec is None:
+            return Culprit(op, k, call, module, phase, None, None, None, "not run on the target"), None
+        return (Culprit(op, k, call, module, phase, rec.local_error, rec.accumulated_error, rec.local_pass,
+                        rec.local_rule), rec.inputs)
+
+
+def _bisect_prefix(session: Session, calls: list[int], placement_for: Callable[[int], Placement],
+                   hi_run: RunResult) -> tuple[int, RunResult]:
+    """Smallest m such that placing calls[:m] breaks the verdict, given that m = len(calls) does."""
+    lo, hi, best = 0, len(calls), hi_run
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        run, v = session.trial(placement_for(mid), check=calls[mid - 1])
+        if v.passed:
+            lo = mid
+        else:
+            hi, best = mid, run
+    return calls[hi - 1], best
+
+
+def bisect(session: Session) -> tuple[int | None, RunResult | None]:
+    """≤ ⌈log2 N⌉ + 2 model runs: the reference, everything on the target, then binary search on the prefix."""
+    n = session.reference().calls
+    full, v = session.trial(Placement.all(), check=n - 1)
+    if v.passed:
+        return None, None
+    return _bisect_prefix(session, list(range(n)), lambda m: Placement(calls=range(0, m)), full)
+
+
+def by_kind(session: Session) -> tuple[int | None, RunResult | None]:
+    trace = session.reference().trace
+    counts: dict[str, list[int]] = {}
+    for i, (op, _k, _m, _p) in enumerate(trace):
+        counts.setdefault(op, []).append(i)
+    for op in sorted(counts, key=lambda o: -len(counts[o])):
+        calls = counts[op]
+        run, v = session.trial(Placement(ops=frozenset([op])), check=calls[-1])
+        if not v.passed:
+            return _bisect_prefix(session, calls,
+                                  lambda m, op=op: Placement(ops=frozenset([op]), op_indices=range(0, m)), run)
+    return None, None
+
+
+def module_group(path: str) -> str:
+    """The layer a module path belongs to: up to its first numeric component (model.layers.3), else the
+    first two components."""
+    parts = path.split(".")
+    for j, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[: j + 1])
+    return ".".join(parts[:2])
+
+
+def by_module(session: Session) -> tuple[int | None, RunResult | None]:
+    """Layer by layer in run order: each (layer, phase) alone on the target, then the instance within it."""
+    trace = session.reference().trace
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (_op, _k, module, phase) in enumerate(trace):
+        groups.setdefault((module_group(module), phase), []).append(i)
+    for group, calls in groups.items():
+        run, v = session.trial(Placement(instances=frozenset(calls)), check=calls[-1])
+        if not v.passed:
+            return _bisect_prefix(session, calls, lambda m, c=calls: Placement(instances=frozenset(c[:m])), run)
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def make_target(name: str | Backend, inject: str | None = None) -> Backend:
+    backend = get_backend(name) if isinstance(name, str) else name
+    if inject:
+        from tapml.testing.faults import FaultyBackend, parse_fault
+
+        backend = FaultyBackend(backend, parse_fault(inject))
+    return backend
+
+
+def _check_fault_hits_the_run(session: Session, inject: str | None) -> None:
+    if not inject:
+        return
+    from tapml.testing.faults import parse_fault
+
+    fault = parse_fault(inject)
+    trace = session.reference().trace
+    counts: dict[str, int] = {}
+    for op, *_ in trace:
+        counts[op] = counts.get(op, 0) + 1
+    from tapml.ops import OpCall, Provenance
+
+    phase = "decode:0" if fault.decode_only else "forward"
+    hits = [op for op in counts
+            if fault.applies(OpCall(op, (), {}, None, Provenance(phase=phase, op_index=fault.index)))]
+    if not hits:
+        common = ", ".join(sorted(counts, key=lambda o: -counts[o])[:8])
+        raise TapmlError(f"--inject {inject}: {fault.op} never runs in this model; its most frequent ops: {common}")
+    if fault.index is not None and all(counts[op] <= fault.index for op in hits):
+        raise TapmlError(f"--inject {inject}: {hits[0]} runs only {counts[hits[0]]} times (@0..@{counts[hits[0]] - 1})")
+    if fault.decode_only and not any(p.startswith("decode:") for _op, _k, _m, p in trace):
+        raise TapmlError(f"--inject {inject}: decode-only faults need a generating model with --max-new-tokens ≥ 2")
+
+
+def localize(workload: Workload, model: str, target: Backend, strategy: str = "bisect", tol: float = DEFAULT_TOL,
+             inject: str | None = None, store: str | None = None,
+             on_trial: Callable[[str, E2EVerdict], None] | None = None) -> Localization:
+    """Find the first op instance that breaks the end-to-end result on `target`."""
+    if strategy not in STRATEGIES:
+        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    start = time.perf_counter()
+    session = Session(workload, target, tol, on_trial)
+    golden = session.reference()
+    _check_fault_hits_the_run(session, inject)
+    note = ""
+    culprit, inputs = None, None
+    if strategy == "carved":
+        culprit, note = _carved(session, model, store)
+        diverged = culprit is not None
+    else:
+        fn = {"bisect": bisect, "by-kind": by_kind, "by-module": by_module}[strategy]
+        call, run = fn(session)
+        if call is None and strategy != "bisect":
+            # No single kind/module breaks it alone: check the whole run before saying all is well.
+            full, v = session.trial(Placement.all())
+            if not v.passed:
+                note = f"no single {'op kind' if strategy == 'by-kind' else 'module'} breaks the result alone; " \
+                       "falling back to bisect"
+                call, run = bisect(session)
+        diverged = call is not None
+        if call is not None:
+            culprit, inputs = session.culprit(run, call)
+    widest = session.widest
+    e2e = widest[1] if widest else None
+    crossings = widest[0].crossings.as_dict() if widest else {}
+    refused = widest[0].refused if widest else {}
+    drift = [r.as_dict() for r in widest[0].records if r.local_error is not None] if widest else []
+    return Localization(model, target.name, strategy, diverged, culprit, session.runs,
+                        time.perf_counter() - start, golden.calls, e2e, crossings, refused, session.trials, note,
+                        drift, inputs)
+
+
+def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | None, str]:
+    from tapml.carve import carve
+    from tapml.replay import run_tests
+
+    with tempfile.TemporaryDirectory(prefix="tapml-carved-") as tmp:
+        path = store or str(Path(tmp) / "store")
+        carve(model, path, workload=session.workload, progress=False)
+        session.runs += 1
+        result = run_tests(path, session.target, progress=False)
+    bad = [r for r in result.results if r.status in ("fail", "error")]
+    if not bad:
+        return None, (f"all {len(result.results)} carved cases pass on the target (instance- or drift-dependent "
+                      "bugs need a migrating strategy)")
+    bad.sort(key=lambda r: r.provenance.get("index", 0))
+    r = bad[0]
+    call = int(r.provenance.get("index", 0))
+    trace = session.reference().trace
+    op, k, module, phase = trace[call] if call < len(trace) else (r.op, None, r.provenance.get("module", ""),
+                                                                    r.provenance.get("phase", ""))
+    m = r.metrics or {}
+    err = m.get("rmse_target") or m.get("max_rel")
+    return (Culprit(r.op, k, call, module, phase, err, None, False, r.rule or r.status),
+            f"{len(bad)} of {len(result.results)} carved cases fail; the first by position in the run is named")
+
+
+def migrate(model: str, target: str, strategy: str = "bisect", inject: str | None = None,
+            max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
+            on_trial: Callable[[str, E2EVerdict], None] | None = None) -> Localization:
+    """`tapml migrate`: load MODEL, wrap the target with the fault when asked, localize."""
+    if tol <= 0:
+        raise TapmlError(f"--tol must be > 0 (got {tol})")
+    if strategy not in STRATEGIES:
+        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    backend = make_target(target, inject)
+    name, workload = load_workload(model, prompt, max_new_tokens)
+    try:
+        return localize(workload, name, backend, strategy, tol, inject, on_trial=on_trial)
+    except TapmlError:
+        raise
+    except Exception as e:
+        raise TapmlError(f"model {name} raised {type(e).__name__} while running mixed: {e}") from None
+    finally:
+        backend.close()
