@@ -6,3 +6,7 @@ The CLI maps it to a one-line message and exit code 2; anything else is a bug an
 
 class TapmlError(Exception):
     """A user-facing error; the message says what is wrong and what to do."""
+
+
+class UnknownOp(TapmlError):
+    """An op name that is not an overload of this torch (e.g. a TVM kernel case offered to an ATen backend)."""

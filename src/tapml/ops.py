@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 import xxhash
 
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, UnknownOp
 
 # Ops whose result depends on the random generator (torch tags them `nondeterministic_seeded`).
 _SEEDED = torch.Tag.nondeterministic_seeded
@@ -67,12 +67,12 @@ def resolve_op(name: str) -> torch._ops.OpOverload:
     """`aten.mm.default` -> torch.ops.aten.mm.default; a clear error when the overload does not exist here."""
     parts = name.split(".")
     if len(parts) != 3:
-        raise TapmlError(f"bad op name {name!r}: expected namespace.op.overload, e.g. aten.mm.default")
+        raise UnknownOp(f"bad op name {name!r}: expected namespace.op.overload, e.g. aten.mm.default")
     ns, op, overload = parts
     try:
         return getattr(getattr(getattr(torch.ops, ns), op), overload)
     except (AttributeError, RuntimeError) as e:
-        raise TapmlError(f"op {name} does not exist in this torch {torch.__version__}: {e}") from None
+        raise UnknownOp(f"op {name} does not exist in this torch {torch.__version__}: {e}") from None
 
 
 @cache

@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from tapml.backends import Backend, get_backend
 from tapml.backends.reference import Float64Backend
 from tapml.compare import Verdict, judge
-from tapml.errors import TapmlError
+from tapml.errors import UnknownOp
 from tapml.ops import OpCall, describe_signature
 from tapml.store import Case, CaseStore
 
@@ -103,7 +103,7 @@ def check_sample(backend: Backend, oracle: Backend, case: Case, call: OpCall) ->
         return "unsupported", None, "seeded random op: this backend cannot reproduce torch's CPU generator stream"
     try:
         reason = backend.supports(call)
-    except TapmlError as e:  # e.g. a TVM kernel case (`tvm.fused_*`) offered to an ATen backend
+    except UnknownOp as e:  # e.g. a TVM kernel case (`tvm.fused_*`) offered to an ATen backend
         reason = str(e)
     if reason:
         return "unsupported", None, reason

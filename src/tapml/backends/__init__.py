@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, UnknownOp
 from tapml.ops import OpCall
 
 GROUP = "tapml.backends"
@@ -39,7 +39,7 @@ class Backend:
         """None when `call` can run, else why not (reported as `unsupported`, never as pass)."""
         try:
             call.func()
-        except TapmlError as e:  # not an ATen overload of this torch (e.g. a TVM kernel case)
+        except UnknownOp as e:  # not an ATen overload of this torch (e.g. a TVM kernel case)
             return str(e)
         return None
 
