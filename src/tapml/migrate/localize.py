@@ -201,6 +201,12 @@ class Session:
 
     def culprit(self, run: RunResult, call: int) -> tuple[Culprit, tuple | None]:
         op, k, module, phase = self.reference().trace[call]
+        if call < len(run.trace) and run.trace[:call + 1] != self.reference().trace[:call + 1]:
+            # Call indices are only meaningful while the mixed run makes the same calls as the reference.
+            i = next(j for j, (a, b) in enumerate(zip(run.trace, self.reference().trace)) if a != b)
+            raise TapmlError(f"the run on {self.target.name} made different op calls than the reference from call "
+                             f"{i} on ({run.trace[i][0]} where the reference ran {self.reference().trace[i][0]}), "
+                             "so no instance can be named; report this as a tapml bug")
         rec: OpRecord | None = next((r for r in run.records if r.call == call), None)
         if rec is None:
             return Culprit(op, k, call, module, phase, None, None, None, "not run on the target"), None

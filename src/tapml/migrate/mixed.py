@@ -93,6 +93,35 @@ def _clone_out(x: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), x)
 
 
+def _like_reference_layout(func, args: tuple, kwargs: dict, out: Any) -> Any:
+    """Give downloaded outputs the strides the reference op would have produced (from its meta kernel).
+
+    A target returns dense tensors; torch ops may return other layouts (CPU flash attention's output is a
+    permuted view of [B, S, H, D]). Layout decides what later composite ops do (`reshape` is a view of a
+    contiguous tensor but a copy otherwise), so a different layout would change the op sequence of the run."""
+    leaves = pytree.tree_leaves(out)
+    if not any(isinstance(t, torch.Tensor) and t.dim() > 1 for t in leaves):
+        return out
+    try:
+        meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
+        expect = [m for m in pytree.tree_leaves(func(*meta_args, **meta_kwargs))]
+    except Exception:  # no meta kernel: keep the target's layout
+        return out
+    if len(expect) != len(leaves):
+        return out
+
+    def fix(t: Any, m: Any) -> Any:
+        if (isinstance(t, torch.Tensor) and isinstance(m, torch.Tensor) and t.shape == m.shape
+                and t.stride() != m.stride() and t.numel() > 1):
+            dense = torch.empty_strided(m.shape, m.stride(), dtype=t.dtype)
+            dense.copy_(t)
+            return dense
+        return t
+
+    fixed = iter([fix(t, m) for t, m in zip(leaves, expect)])
+    return pytree.tree_unflatten([next(fixed) for _ in leaves], pytree.tree_structure(out))
+
+
 class _Residency:
     """Host tensor -> its copy on the target, keyed by storage and view geometry.
 
@@ -242,6 +271,7 @@ class MixedRun(TorchDispatchMode):
         else:
             out = pytree.tree_map(lambda h: target.download(h) if target.is_handle(h) else h, hout,
                                   is_leaf=target.is_handle)
+            out = _like_reference_layout(func, args, kwargs, out)
             for host, h in zip(pytree.tree_leaves(out), pytree.tree_leaves(hout, is_leaf=target.is_handle)):
                 if isinstance(host, torch.Tensor) and target.is_handle(h):
                     self._keep(host, h)
