@@ -1,4 +1,4 @@
-"""Carved op tests: 3 cases from /work/main/docs/repros/iree/store replayed on backend 'iree' (written by `tapml export-pytest`)."""
+"""Carved op tests: 24 cases from /work/main/docs/repros/iree/store replayed on backend 'iree' (written by `tapml export-pytest`)."""
 
 import pytest
 
@@ -9,7 +9,7 @@ from tapml.store import CaseStore
 
 STORE = str(__import__('pathlib').Path(__file__).parent / 'store')
 BACKEND = 'iree'
-CASES = [(1, '1-aten.gelu.default'), (2, '2-aten.gelu.default'), (3, '3-aten.empty.memory_format')]
+CASES = [(1, '1-aten._scaled_dot_product_flash_attention_for_cpu.default'), (2, '2-aten._scaled_dot_product_flash_attention_for_cpu.default'), (3, '3-aten._scaled_dot_product_flash_attention_for_cpu.default'), (4, '4-aten._scaled_dot_product_flash_attention_for_cpu.default'), (5, '5-aten._scaled_dot_product_flash_attention_for_cpu.default'), (6, '6-aten.gelu.default'), (7, '7-aten.gelu.default'), (8, '8-aten._scaled_dot_product_flash_attention_for_cpu.default'), (9, '9-aten._scaled_dot_product_flash_attention_for_cpu.default'), (10, '10-aten._scaled_dot_product_flash_attention_for_cpu.default'), (11, '11-aten._scaled_dot_product_flash_attention_for_cpu.default'), (12, '12-aten._scaled_dot_product_flash_attention_for_cpu.default'), (13, '13-aten._scaled_dot_product_flash_attention_for_cpu.default'), (14, '14-aten._scaled_dot_product_flash_attention_for_cpu.default'), (15, '15-aten._scaled_dot_product_flash_attention_for_cpu.default'), (16, '16-aten.empty.memory_format'), (17, '17-aten._scaled_dot_product_flash_attention_for_cpu.default'), (18, '18-aten._scaled_dot_product_flash_attention_for_cpu.default'), (19, '19-aten._scaled_dot_product_flash_attention_for_cpu.default'), (20, '20-aten._scaled_dot_product_flash_attention_for_cpu.default'), (21, '21-aten._scaled_dot_product_flash_attention_for_cpu.default'), (22, '22-aten._scaled_dot_product_flash_attention_for_cpu.default'), (23, '23-aten._scaled_dot_product_flash_attention_for_cpu.default'), (24, '24-aten._scaled_dot_product_flash_attention_for_cpu.default')]
 
 
 @pytest.fixture(scope="module")
