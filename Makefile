@@ -18,22 +18,29 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@# torch==2.13.0 is the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
-	$(PIP) install -e '.[webgpu,remote,test]'
+	@# The compiler extras must not replace the torch installed above: pin it as pip's constraint.
+	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PIP) install -c $(VENV)/torch-constraint.txt -e '.[webgpu,remote,test,onnxruntime,tvm,iree]'
 	@touch $(STAMP)
 
 demo: setup
-	rm -rf $(DEMO)/llama
+	rm -rf $(DEMO)
 	$(TAPML) zoo
-	$(TAPML) carve llama --out $(DEMO)/llama --max-new-tokens 8
-	$(TAPML) show $(DEMO)/llama
-	$(TAPML) test $(DEMO)/llama --backend torch --json $(DEMO)/llama-torch.json --html $(DEMO)/llama-torch.html
-	@echo "report: $(DEMO)/llama-torch.html"
+	$(TAPML) backends
+	@# The whole top-down flow on zoo Llama against WebGPU (lavapipe without a GPU): carve, replay the
+	@# carved cases, run the model with every op on WebGPU, localize any divergence, write the report.
+	$(TAPML) debug llama --target webgpu --out $(DEMO)/webgpu --html $(DEMO)/debug-webgpu.html
+	@# The same flow with a known bug injected into WebGPU (relative noise on one matmul instance in a decode
+	@# step), to show localization at work: exit 1 (a culprit) is the expected outcome here.
+	$(TAPML) debug llama --target webgpu --inject decode-only:noise:aten.mm.default@40 \
+		--out $(DEMO)/injected --html $(DEMO)/debug-injected.html; test $$? -eq 1
+	@echo "reports: $(DEMO)/debug-webgpu.html $(DEMO)/debug-injected.html"
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks scripts
 
 bench: setup
 	$(PY) benchmarks/carve_overhead.py

@@ -1,4 +1,4 @@
-"""The `tapml` command: a thin typer skin over the API (carve, show, test, export-pytest, zoo, backends).
+"""The `tapml` command: a thin typer skin over the API (carve, show, test, export-pytest, serve, zoo, backends).
 
 Each command parses, calls one API function and renders its result; user errors (TapmlError) become one line
 on stderr and exit code 2.
@@ -36,12 +36,22 @@ def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or 
           max_new_tokens: int = typer.Option(8, help="tokens to generate for LLMs (prefill + N-1 decode steps)"),
           prompt: str | None = typer.Option(None, help="use this text instead of the shipped prompts"),
           samples: int = typer.Option(1, help="samples kept per signature"),
-          progress: bool = typer.Option(True, help="show a progress bar")) -> None:
+          progress: bool = typer.Option(True, help="show a progress bar"),
+          frontend: str = typer.Option("torch", "--frontend",
+                                       help="torch: ATen calls of the run; tvm: TIR kernel calls of the model's "
+                                            "forward (one prefill forward for LLMs) in TVM's Relax VM")) -> None:
     """Run MODEL on PyTorch and record every ATen op call into a case store."""
     from tapml.carve import carve as do_carve
 
-    r = do_carve(model, out_dir, prompt=prompt, max_new_tokens=max_new_tokens, samples=samples,
-                 progress=progress and sys.stderr.isatty())
+    if frontend == "tvm":
+        from tapml.frontends.tvm import carve_tvm
+
+        r = carve_tvm(model, str(out_dir), prompt=prompt, samples=samples)
+    elif frontend == "torch":
+        r = do_carve(model, out_dir, prompt=prompt, max_new_tokens=max_new_tokens, samples=samples,
+                     progress=progress and sys.stderr.isatty())
+    else:
+        raise TapmlError(f"unknown --frontend {frontend!r}; choose torch or tvm")
     s = r.stats
     out.print(f"carved [bold]{r.model}[/]: {r.description}")
     out.print(f"  {r.calls} op calls -> {r.cases} signatures ({r.new_cases} new) in {r.seconds:.1f}s; "
@@ -88,15 +98,23 @@ def test(store: Path = typer.Argument(..., help="case store directory"),
          json_out: Path | None = typer.Option(None, "--json", help="write one JSON record per case"),
          html_out: Path | None = typer.Option(None, "--html", help="write a self-contained HTML report"),
          k: str | None = typer.Option(None, "-k", help="only ops matching PATTERN (substring, `not`, `or`)"),
-         progress: bool = typer.Option(True, help="show a progress bar")) -> None:
+         progress: bool = typer.Option(True, help="show a progress bar"),
+         remote: str | None = typer.Option(None, "--remote", help="run on the `tapml serve` at ws://HOST:PORT"),
+         token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote (else TAPML_TOKEN)"),
+         tvm_target: str | None = typer.Option(None, "--tvm-target",
+                                               help="TVM target for --backend tvm, e.g. 'llvm -mcpu=skylake', "
+                                                    "'llvm -opt-level=0', 'cuda'")
+         ) -> None:
     """Replay every case on BACKEND; exit 0 when all supported cases pass, 1 when any fails."""
-    from tapml.backends import get_backend
+    from tapml.remote import open_backend
     from tapml.replay import run_tests
     from tapml.report import print_summary, to_html, to_json, write_atomic
     from tapml.store import CaseStore
 
     CaseStore.open(store).close()  # a bad store fails before the backend starts
-    be = get_backend(backend)
+    if tvm_target is not None and backend != "tvm":
+        raise TapmlError(f"--tvm-target applies to --backend tvm, not {backend}")
+    be = open_backend(backend, remote, token_file, **({"target": tvm_target} if tvm_target else {}))
     try:
         run = run_tests(str(store), be, pattern=k, progress=progress and sys.stderr.isatty())
     finally:
@@ -121,6 +139,128 @@ def export_pytest(store: Path = typer.Argument(..., help="case store directory")
     get_backend(backend).close()
     n = do_export(str(store), backend, str(out_file), k)
     out.print(f"wrote {out_file}: {n} cases on {backend}; run it with `pytest {out_file}`")
+
+
+@app.command()
+def serve(backend: str = typer.Option(..., "--backend", help="backend to host (see `tapml backends`)"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on; other than loopback needs a token"),
+          port: int = typer.Option(8765, help="port to listen on (0 picks a free one)"),
+          token_file: Path | None = typer.Option(None, "--token-file", help="shared secret (else TAPML_TOKEN)"),
+          max_message_mb: int = typer.Option(256, help="largest message accepted, in MiB"),
+          timeout: float = typer.Option(120.0, help="time limit of one request, in seconds"),
+          tls_cert: Path | None = typer.Option(None, "--tls-cert", help="serve wss:// with this certificate"),
+          tls_key: Path | None = typer.Option(None, "--tls-key", help="its private key (if not in --tls-cert)"),
+          option: list[str] = typer.Option([], "--option", help="backend option KEY=VALUE, e.g. tf32=false")
+          ) -> None:
+    """Host BACKEND for remote clients (`tapml test STORE --backend remote --remote URL`) until interrupted."""
+    from tapml.remote.server import parse_options
+    from tapml.remote.server import serve as do_serve
+
+    def listening(s) -> None:
+        auth = "HMAC token required" if s.token else "no token (loopback only)"
+        print(f"tapml serve: backend {s.backend.name} on {s.url} ({auth}); Ctrl-C stops", flush=True)
+
+    do_serve(backend, host, port, token_file, max_message_mb << 20, timeout, on_listening=listening,
+             tls_cert=tls_cert, tls_key=tls_key, backend_options=parse_options(option))
+
+
+def _migration_line(loc) -> str:
+    c = loc.culprit
+    if c is None:
+        return f"no divergence on {loc.target} ({loc.strategy}, {loc.runs} model runs, {loc.seconds:.1f}s)"
+    return (f"culprit: {c.op} @{c.index} (call {c.call} of {loc.calls}) in {c.module or '<top>'}, {c.phase}; "
+            f"{c.verdict}; local error {c.local_error if c.local_error is None else f'{c.local_error:.3g}'}, "
+            f"accumulated {c.accumulated_error if c.accumulated_error is None else f'{c.accumulated_error:.3g}'}"
+            f" — {loc.strategy}, {loc.runs} model runs, {loc.seconds:.1f}s")
+
+
+@app.command()
+def migrate(model: str = typer.Argument(..., help="zoo name or path/to/file.py:make_model"),
+            target: str = typer.Option(..., "--target", help="target backend (see `tapml backends`)"),
+            strategy: str = typer.Option("bisect", help="bisect | by-kind | by-module | carved"),
+            inject: str | None = typer.Option(None, help="wrap the target with a fault, e.g. noise:aten.mm.default@37"),
+            json_out: Path | None = typer.Option(None, "--json", help="write the result (and the culprit's store)"),
+            max_new_tokens: int = typer.Option(4, help="tokens to generate for LLMs"),
+            prompt: str | None = typer.Option(None, help="use this text instead of the shipped prompts"),
+            tol: float = typer.Option(1e-4, help="end-to-end tolerance: max |Δ| / max |reference|"),
+            remote: str | None = typer.Option(None, "--remote", help="target the `tapml serve` at ws://HOST:PORT"),
+            token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
+    """Migrate MODEL to TARGET op by op and name the first op instance that breaks the result.
+    Exit 0: no divergence; 1: a culprit was found."""
+    import json
+
+    from tapml.migrate.debug import _open, migration_json
+    from tapml.migrate.localize import STRATEGIES, localize, make_target
+    from tapml.migrate.repro import save_culprit
+    from tapml.report import write_atomic
+
+    if strategy not in STRATEGIES:
+        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if tol <= 0:
+        raise TapmlError(f"--tol must be > 0 (got {tol})")
+    from tapml.carve import load_workload
+
+    backend = make_target(_open(target, remote, str(token_file) if token_file else None), inject)
+    try:
+        name, workload = load_workload(model, prompt, max_new_tokens)
+        err.print(f"migrating {name} to {backend.name} ({strategy}) …")
+        loc = localize(workload, name, backend, strategy, tol, inject,
+                       on_trial=lambda p, v: err.print(f"  run: {p:<48.48} -> {'ok' if v.passed else 'BROKEN'} "
+                                                       f"(rel. error {v.rel_error:.3g})"))
+    finally:
+        backend.close()
+    out.print(_migration_line(loc))
+    if loc.note:
+        out.print(f"  note: {loc.note}")
+    if json_out:
+        store, case = None, None
+        if loc.culprit is not None and loc.culprit_inputs is not None:
+            store = str(json_out.with_suffix("")) + ".culprit"
+            case = save_culprit(loc, store)
+        write_atomic(json_out, json.dumps(migration_json(loc, target, inject, store, case), indent=1, default=str))
+        out.print(f"wrote {json_out}" + (f" (culprit inputs in {store}; `tapml repro {json_out}`)" if store else ""))
+    raise typer.Exit(loc.exit_code)
+
+
+@app.command()
+def repro(result: Path = typer.Argument(..., help="the JSON written by `tapml migrate --json`"),
+          out_file: Path = typer.Option(Path("test_repro.py"), "--out", help="pytest file to write")) -> None:
+    """Write a standalone pytest file replaying the culprit op on its backend with its real inputs."""
+    from tapml.migrate.repro import load_result, write_repro
+
+    path = write_repro(load_result(result), out_file)
+    out.print(f"wrote {path}; `pytest {path}` fails while the bug is there")
+
+
+@app.command()
+def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:make_model"),
+          target: str = typer.Option(..., "--target", help="target backend (see `tapml backends`)"),
+          html_out: Path | None = typer.Option(None, "--html", help="write the HTML report here"),
+          out_dir: Path | None = typer.Option(None, "--out", help="keep the store, culprit and repro here"),
+          inject: str | None = typer.Option(None, help="wrap the target with a fault (see `tapml migrate`)"),
+          strategy: str = typer.Option("bisect", help="localizer strategy"),
+          max_new_tokens: int = typer.Option(4, help="tokens to generate for LLMs"),
+          tol: float = typer.Option(1e-4, help="end-to-end tolerance"),
+          remote: str | None = typer.Option(None, "--remote", help="target the `tapml serve` at ws://HOST:PORT"),
+          token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
+    """The whole top-down flow: carve, test, migrate, localize, report."""
+    from tapml.migrate.debug import debug as do_debug
+
+    res = do_debug(model, target, out_dir, inject, strategy, max_new_tokens, None, tol, html_out, remote,
+                   str(token_file) if token_file else None, log=lambda s: err.print(s))
+    t = res.tested.totals()
+    out.print(f"carved tests on {res.target}: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} "
+              f"unsupported, {t['error']} errors of {t['cases']} cases")
+    e = res.e2e
+    out.print(f"end to end with every op on the target: {'pass' if e['passed'] else 'FAIL'} "
+              f"(rel. error {e['rel_error']:.3g})")
+    if res.localization is not None:
+        out.print(_migration_line(res.localization))
+    if res.repro:
+        out.print(f"repro: {res.repro}")
+    if res.html:
+        out.print(f"report: {res.html}")
+    raise typer.Exit(res.exit_code)
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Migration and localization: mixed reference/target runs, end-to-end verdicts, localizer strategies."""
 
-from tapml.migrate.localize import (STRATEGIES, Culprit, E2EVerdict, Localization, compare_runs, localize,
+from tapml.migrate.localize import (STRATEGIES, Culprit, E2EVerdict, Localization, compare_runs, localize,  # noqa: I001
                                     migrate)
 from tapml.migrate.mixed import MixedRun, RunResult, run_mixed
 from tapml.migrate.placement import Placement

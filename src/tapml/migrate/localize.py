@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -234,7 +235,7 @@ def bisect(session: Session) -> tuple[int | None, RunResult | None]:
     full, v = session.trial(Placement.all(), check=n - 1)
     if v.passed:
         return None, None
-    return _bisect_prefix(session, list(range(n)), lambda m: Placement(calls=range(0, m)), full)
+    return _bisect_prefix(session, list(range(n)), lambda m: Placement(calls=range(m)), full)
 
 
 def by_kind(session: Session) -> tuple[int | None, RunResult | None]:
@@ -247,7 +248,7 @@ def by_kind(session: Session) -> tuple[int | None, RunResult | None]:
         run, v = session.trial(Placement(ops=frozenset([op])), check=calls[-1])
         if not v.passed:
             return _bisect_prefix(session, calls,
-                                  lambda m, op=op: Placement(ops=frozenset([op]), op_indices=range(0, m)), run)
+                                  lambda m, op=op: Placement(ops=frozenset([op]), op_indices=range(m)), run)
     return None, None
 
 
@@ -267,7 +268,7 @@ def by_module(session: Session) -> tuple[int | None, RunResult | None]:
     groups: dict[tuple[str, str], list[int]] = {}
     for i, (_op, _k, module, phase) in enumerate(trace):
         groups.setdefault((module_group(module), phase), []).append(i)
-    for group, calls in groups.items():
+    for calls in groups.values():
         run, v = session.trial(Placement(instances=frozenset(calls)), check=calls[-1])
         if not v.passed:
             return _bisect_prefix(session, calls, lambda m, c=calls: Placement(instances=frozenset(c[:m])), run)
@@ -330,7 +331,7 @@ def localize(workload: Workload, model: str, target: Backend, strategy: str = "b
         call, run = fn(session)
         if call is None and strategy != "bisect":
             # No single kind/module breaks it alone: check the whole run before saying all is well.
-            full, v = session.trial(Placement.all())
+            _full, v = session.trial(Placement.all())
             if not v.passed:
                 note = f"no single {'op kind' if strategy == 'by-kind' else 'module'} breaks the result alone; " \
                        "falling back to bisect"
@@ -365,7 +366,7 @@ def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | 
     r = bad[0]
     call = int(r.provenance.get("index", 0))
     trace = session.reference().trace
-    op, k, module, phase = trace[call] if call < len(trace) else (r.op, None, r.provenance.get("module", ""),
+    _op, k, module, phase = trace[call] if call < len(trace) else (r.op, None, r.provenance.get("module", ""),
                                                                     r.provenance.get("phase", ""))
     m = r.metrics or {}
     err = m.get("rmse_target") or m.get("max_rel")
