@@ -375,27 +375,15 @@ class Runtime:
         return bg
 
     def grid(self, groups: int) -> tuple[int, int, int]:
-        """A 2-D grid of at least `groups` workgroups (kernels linearize wid.x + wid.y * nwg.x)."""
-        if groups <= self.max_groups:
-            return (max(groups, 1), 1, 1)
-        y = -(-groups // self.max_groups)
-        return (-(-groups // y), y, 1)
+        return grid_for(groups, self.max_groups)
 
     def dispatch(self, kernel: Kernel, bufs: Sequence[_Buf], params: Sequence[int] | bytes,
                  grid: tuple[int, int, int] | int) -> None:
         """Record one dispatch. `params` are i32 words (floats already bit-cast) for the uniform window."""
-        if isinstance(grid, int):
-            grid = self.grid(grid)
-        if grid[0] == 0 or grid[1] == 0 or grid[2] == 0:
+        checked = check_dispatch("webgpu", kernel, bufs, params, grid, self.max_groups)
+        if checked is None:
             return
-        if len(bufs) != len(kernel.bindings):
-            raise TapmlError(f"webgpu: kernel {kernel.name} takes {len(kernel.bindings)} buffers, got {len(bufs)}")
-        if isinstance(params, (bytes, bytearray)):
-            blob = params
-        else:
-            blob = struct.pack(f"<{len(params)}i", *params)
-        if len(blob) > PARAM_BYTES:
-            raise TapmlError(f"webgpu: kernel {kernel.name} needs {len(blob)} parameter bytes (> {PARAM_BYTES})")
+        grid, blob = checked
         if self._arena_used + PARAM_BYTES > _ARENA_BYTES:
             self.flush()
         off = self._arena_used
@@ -460,3 +448,27 @@ class Runtime:
         self._free.clear()
         self._pooled_bytes = 0
         self._groups.clear()
+
+
+def grid_for(groups: int, max_groups: int) -> tuple[int, int, int]:
+    """A 2-D grid of at least `groups` workgroups (kernels linearize wid.x + wid.y * nwg.x)."""
+    if groups <= max_groups:
+        return (max(groups, 1), 1, 1)
+    y = -(-groups // max_groups)
+    return (-(-groups // y), y, 1)
+
+
+def check_dispatch(who: str, kernel: Kernel, bufs: Sequence[_Buf], params: Sequence[int] | bytes,
+                   grid: tuple[int, int, int] | int, max_groups: int) -> tuple[tuple[int, int, int], bytes] | None:
+    """The grid and packed parameter bytes of a dispatch (None: an empty grid, nothing to run); a clear error
+    for a wrong buffer count or too many parameters. Shared by every runtime that runs these kernels."""
+    if isinstance(grid, int):
+        grid = grid_for(grid, max_groups)
+    if grid[0] == 0 or grid[1] == 0 or grid[2] == 0:
+        return None
+    if len(bufs) != len(kernel.bindings):
+        raise TapmlError(f"{who}: kernel {kernel.name} takes {len(kernel.bindings)} buffers, got {len(bufs)}")
+    blob = bytes(params) if isinstance(params, (bytes, bytearray)) else struct.pack(f"<{len(params)}i", *params)
+    if len(blob) > PARAM_BYTES:
+        raise TapmlError(f"{who}: kernel {kernel.name} needs {len(blob)} parameter bytes (> {PARAM_BYTES})")
+    return grid, blob

@@ -9,11 +9,19 @@ it must not generate kernels or know ATen ops.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tapml.backends.webgpu.runtime import DTYPES, PARAM_BYTES, Kernel, Runtime, Stats, Storage, _Buf
+from tapml.backends.webgpu.runtime import (
+    DTYPES,
+    Kernel,
+    Runtime,
+    Stats,
+    Storage,
+    _Buf,
+    check_dispatch,
+    grid_for,
+)
 from tapml.errors import TapmlError
 from tapml.remote.browser.host import PageHost
 from tapml.remote.protocol import RemoteError
@@ -135,24 +143,14 @@ class BrowserRuntime:
         return k
 
     def grid(self, groups: int) -> tuple[int, int, int]:
-        if groups <= self.max_groups:
-            return (max(groups, 1), 1, 1)
-        y = -(-groups // self.max_groups)
-        return (-(-groups // y), y, 1)
+        return grid_for(groups, self.max_groups)
 
     def dispatch(self, kernel: Kernel, bufs: Sequence[_Buf], params: Sequence[int] | bytes,
                  grid: tuple[int, int, int] | int) -> None:
-        if isinstance(grid, int):
-            grid = self.grid(grid)
-        if grid[0] == 0 or grid[1] == 0 or grid[2] == 0:
+        checked = check_dispatch("webgpu-browser", kernel, bufs, params, grid, self.max_groups)
+        if checked is None:
             return
-        if len(bufs) != len(kernel.bindings):
-            raise TapmlError(f"webgpu-browser: kernel {kernel.name} takes {len(kernel.bindings)} buffers, "
-                             f"got {len(bufs)}")
-        blob = bytes(params) if isinstance(params, (bytes, bytearray)) else struct.pack(f"<{len(params)}i",
-                                                                                       *params)
-        if len(blob) > PARAM_BYTES:
-            raise TapmlError(f"webgpu-browser: kernel {kernel.name} needs {len(blob)} parameter bytes")
+        grid, blob = checked
         off = len(self._params)
         slot = (max(len(blob), 4) + self.uniform_align - 1) // self.uniform_align * self.uniform_align
         self._params += blob + bytes(slot - len(blob))
