@@ -3,11 +3,13 @@
 
 import os
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
+from conftest import TAPML
 
 from tapml.backends import get_backend
 from tapml.errors import TapmlError
@@ -147,6 +149,16 @@ def test_a_mixed_run_of_zoo_llama_with_every_op_in_the_browser(browser):
     ref = run_mixed(w, None, Placement.none())
     run = run_mixed(w, browser, Placement.all())
     assert len(run.records) > 0.9 * len(ref.trace)
+    assert run.trace == ref.trace  # the same op calls in the same order: call indices line up
     assert torch.equal(run.output, ref.output)  # the same generated tokens
     for got, want in zip(run.logits, ref.logits):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_debug_zoo_llama_in_the_browser(tmp_path):
+    r = subprocess.run([*TAPML, "debug", "zoo:llama", "--target", "webgpu-browser", "--max-new-tokens", "2",
+                        "--html", str(tmp_path / "d.html")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = r.stdout.replace("\n", " ")
+    assert "carved tests on webgpu-browser" in text and " 0 failed" in text
+    assert "end to end with every op on the target: pass" in text

@@ -1,10 +1,13 @@
 """Every zoo model, carved small (2 new tokens, 1 sample) and replayed on the WebGPU backend: every case must
 pass — none failing, none erroring, none unsupported."""
 
+import json
+import subprocess
+
 import pytest
+from conftest import TAPML
 
 from tapml.backends import get_backend, registered
-from tapml.carve import carve
 from tapml.replay import check_sample, clone_call, run_tests
 from tapml.store import CaseStore
 from tapml.zoo import names
@@ -14,22 +17,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 _info = {b.name: b for b in registered()}.get("webgpu")
 if not (_info and _info.available):
     pytest.skip(f"webgpu unusable here: {_info.reason if _info else 'not registered'}", allow_module_level=True)
-
-
-@pytest.fixture(scope="session")
-def zoo_stores(tmp_path_factory):
-    """Carve each zoo model once per session, on first use (the stores are shared by every test)."""
-    root = tmp_path_factory.mktemp("webgpu-zoo")
-    made: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in made:
-            out = root / name
-            carve(name, out, max_new_tokens=2, samples=1, progress=False)
-            made[name] = str(out)
-        return made[name]
-
-    return get
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +39,7 @@ def _reference_reproduces(store: str, case_id: int) -> bool:
 
 @pytest.mark.parametrize("model", names())
 def test_zoo_model_passes_on_webgpu(model, zoo_stores, webgpu):
-    store = zoo_stores(model)
+    store = str(zoo_stores[model])  # conftest: every zoo model carved once per session (2 new tokens)
     res = run_tests(store, webgpu, progress=False)
     bad = [r for r in res.results if r.status != "pass"]
     unjudgeable = [r for r in bad if r.status == "fail" and not _reference_reproduces(store, r.case_id)]
@@ -62,3 +49,25 @@ def test_zoo_model_passes_on_webgpu(model, zoo_stores, webgpu):
     # a store the reference cannot reproduce is a carve bug; it must stay rare and visible
     assert len(unjudgeable) <= 2, [f"{r.op} {r.args}" for r in unjudgeable]
     assert res.totals()["pass"] + len(unjudgeable) == res.totals()["cases"] > 0
+
+
+def test_debug_on_webgpu_finds_nothing_wrong(tmp_path):
+    """`tapml debug` against the real backend: carved cases pass and the all-on-WebGPU run matches the reference."""
+    r = subprocess.run([*TAPML, "debug", "llama", "--target", "webgpu", "--max-new-tokens", "2",
+                        "--html", str(tmp_path / "d.html")], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "end to end with every op on the target: pass" in r.stdout.replace("\n", " ")
+    assert "<svg" in (tmp_path / "d.html").read_text()
+
+
+def test_migrate_on_webgpu_names_the_injected_instance(tmp_path):
+    """A fault in one decode-step matmul of a model running on WebGPU: the culprit is that instance (its outputs
+    come back from the GPU dense, so this also checks that call indices stay aligned with the reference)."""
+    out = tmp_path / "r.json"
+    r = subprocess.run([*TAPML, "migrate", "llama", "--target", "webgpu", "--max-new-tokens", "2", "--inject",
+                        "decode-only:noise:aten.mm.default@40", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stdout + r.stderr
+    c = json.loads(out.read_text())["culprit"]
+    assert (c["op"], c["index"], c["phase"]) == ("aten.mm.default", 40, "decode:0"), c
+    assert c["verdict"].startswith("local")
