@@ -267,6 +267,9 @@ def test_cli_migrate_json_and_repro(tmp_path):
     assert (c["op"], c["index"]) == ("aten.addmm.default", 7)
     assert isinstance(c["call"], int) and c["module"].startswith("transformer.h.") and c["phase"]
     assert d["runs"] >= 2 and d["seconds"] > 0
+    assert "crossings in the widest run" in r.stdout
+    x = d["crossings"]
+    assert x["uploads"] > 0 and x["upload_bytes"] > 0 and x["downloads"] >= 0  # all on the target: few come back
     r = tapml("repro", str(j), "--out", str(tmp_path / "test_repro.py"))
     assert r.returncode == 0, r.stderr
     assert "aten.addmm.default" in (tmp_path / "test_repro.py").read_text()

@@ -210,6 +210,10 @@ def migrate(model: str = typer.Argument(..., help="zoo name or path/to/file.py:m
     finally:
         backend.close()
     out.print(_migration_line(loc))
+    x = loc.crossings
+    if x:
+        out.print(f"  crossings in the widest run: {x['uploads']} uploads ({x['upload_bytes'] / 2**20:.1f} MiB) to "
+                  f"the target, {x['downloads']} downloads ({x['download_bytes'] / 2**20:.1f} MiB) back")
     if loc.note:
         out.print(f"  note: {loc.note}")
     if json_out:
