@@ -9,6 +9,8 @@ DEMO    ?= demo-out
 .PHONY: setup system demo test lint bench clean
 
 setup: system $(STAMP)
+	@# The carving hook (C++, torch's extension loader): built once into the cache, a no-op when built.
+	@$(PY) -c "from tapml._native import carve_hook; carve_hook()"
 
 # System packages the tests use: lavapipe (WebGPU without a GPU) and Chromium (browser target).
 system:

@@ -144,3 +144,100 @@ def test_model_file_contract_errors(tmp_path):
     with pytest.raises(TapmlError, match="no such model file"):
         carve(f"{MODELS / 'missing.py'}:make_model", tmp_path / "c", progress=False)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def _native_or_skip():
+    import pytest
+
+    from tapml import _native
+
+    if os.environ.get("TAPML_CARVE_NATIVE") == "0":
+        pytest.skip("TAPML_CARVE_NATIVE=0: the native carving hook is switched off")
+    try:
+        return _native.carve_hook()
+    except RuntimeError as e:  # `make setup` builds it; a machine where it cannot be built is a failure here
+        pytest.fail(f"native carving hook unavailable: {e}")
+
+
+def test_native_hook_sees_exactly_the_calls_the_python_mode_sees():
+    """The correctness gate of the C++ hook: the op stream of a zoo Llama generate is identical to the one a
+    Python TorchDispatchMode (the fallback recorder) sees: same ops, same decompositions, same order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    hook = _native_or_skip()
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Unreached(TorchDispatchMode):  # pushed as the Recorder does; the hook switches its Python key off
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            raise AssertionError(f"the Python mode was called for {func}")
+
+    _, work = load_workload("llama", None, 4)
+    with torch.no_grad(), Names() as mode:
+        work.run()
+    with torch.no_grad(), Unreached():
+        hook.enable(lambda *a: None, lambda *a: False)
+        hook.set_trace(True)
+        try:
+            work.run()
+        finally:
+            native = hook.take_trace()
+            hook.disable()
+    assert len(mode.names) > 1000
+    assert native == mode.names
+
+
+def _carve_summary(path, monkeypatch, native: str, **kw):
+    monkeypatch.setenv("TAPML_CARVE_NATIVE", native)
+    _, work = load_workload("llama", None, 4)
+    r = carve("llama", path, workload=work, max_new_tokens=4, progress=False, **kw)
+    with CaseStore.open(path) as st:
+        cases = sorted((c.signature, c.op, c.count, c.n_samples, repr(c.first)) for c in st.cases())
+        table = [dict(row) for row in st.op_table()]
+        stats = {k: v for k, v in st.stats().items() if k != "disk_bytes"}
+    return (r.calls, r.cases, r.samples), cases, table, stats
+
+
+def test_native_and_python_recorders_write_the_same_store(tmp_path, monkeypatch):
+    """Call counts, per-case occurrences, samples and provenance do not depend on which recorder ran."""
+    _native_or_skip()
+    for samples in (1, 2):
+        py = _carve_summary(tmp_path / f"py{samples}", monkeypatch, "0", samples=samples)
+        nat = _carve_summary(tmp_path / f"nat{samples}", monkeypatch, "1", samples=samples)
+        assert py[0][0] > 1000 and py[0] == nat[0]
+        assert py[1] == nat[1]
+        assert py[2] == nat[2]
+        assert py[3] == nat[3]
+
+
+def test_python_recorder_still_passes_the_tiny_model_checks(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("TAPML_CARVE_NATIVE", "0")
+    test_tiny_model_yields_expected_op_kinds_and_counts(tmp_path, tiny)
+    for sub, test in (("m", test_inputs_are_captured_before_in_place_mutation),
+                      ("r", test_random_ops_replay_their_recorded_draw)):
+        (tmp_path / sub).mkdir()
+        test(tmp_path / sub)
+
+
+def test_without_the_native_hook_carving_warns_once_and_uses_the_python_mode(tmp_path, monkeypatch, capsys, tiny):
+    import tapml.carve as carve_mod
+    from tapml import _native
+
+    def unavailable():
+        raise RuntimeError("no compiler")
+
+    monkeypatch.delenv("TAPML_CARVE_NATIVE", raising=False)
+    monkeypatch.setattr(_native, "carve_hook", unavailable)
+    monkeypatch.setattr(carve_mod, "_warned", False)
+    r = carve(tiny, tmp_path / "s", progress=False)
+    carve(tiny, tmp_path / "t", progress=False)
+    assert r.calls == 9
+    err = capsys.readouterr().err
+    assert err.count("native carving hook unavailable (no compiler)") == 1

@@ -117,8 +117,12 @@ class Recorder(TorchDispatchMode):
         return False
 
     def __init__(self, store: CaseStore, run_id: int, samples: int = 1, params: list[torch.Tensor] = (),
-                 naive_bytes: bool = False, flush_samples: int = _FLUSH_SAMPLES):
+                 naive_bytes: bool = False, flush_samples: int = _FLUSH_SAMPLES, native: bool | None = None):
         super().__init__()
+        # The C++ hook when available (TAPML_CARVE_NATIVE=0 forces the Python dispatch mode, =1 requires the
+        # hook); the naive-bytes measurement needs every call's tensors, so it always takes the Python mode.
+        self._native = None if naive_bytes else _native_hook(native)
+        self._slots: dict[int, list] = {}  # native key slot -> entry
         self.store, self.run_id, self.k = store, run_id, samples
         self.calls = 0
         # Bytes a naive recorder (every call's inputs and outputs saved) would write; measured only on request.
@@ -139,8 +143,22 @@ class Recorder(TorchDispatchMode):
         self._writer = _Writer(store, run_id)
 
     # --- the dispatch hook ------------------------------------------------------------------------------
+    def __enter__(self):
+        out = super().__enter__()
+        if self._native is not None:
+            self._native.enable(self._native_before, self._native_after)
+        return out
+
+    def __exit__(self, *exc):
+        if self._native is not None:
+            self._native.disable()
+            self._sync()
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self._native is not None:  # only for tensors that carry the Python key; the native hook records
+            return func(*args, **kwargs)
         index = self.calls
         self.calls += 1
         # Fast path: a hashable key of the call's shapes/dtypes/strides/scalars finds its entry without
@@ -161,17 +179,53 @@ class Recorder(TorchDispatchMode):
             if self.naive_bytes is not None:
                 self.naive_bytes += _nbytes(pytree.tree_leaves((args, kwargs))) + _nbytes(pytree.tree_leaves(out))
             return out
-        name, spec = entry[0], entry[1]
+        pending = self._begin(entry, func, args, kwargs, index)
+        out = func(*args, **kwargs)
+        self._finish(pending, out)
+        return out
+
+    # The native hook (tapml/_native/carve_hook.cpp) counts every call in C++ and calls these two only for a
+    # call key it has not seen or one whose signature may still need a sample; it runs the op in between.
+    def _native_before(self, func, args, kwargs, index, slot, is_new):
+        if slot < 0:  # a call the native key does not cover: resolved every time, counted here
+            entry = self._entry(func, args, kwargs)
+            entry[6] += 1
+        elif is_new:
+            entry = self._slots[slot] = self._entry(func, args, kwargs)
+        else:
+            entry = self._slots[slot]
+        if not entry[3] or self._sampled.get(entry[7], 0) >= self.k:
+            return None  # never sampled again: the native side only counts this key from now on
+        return self._begin(entry, func, args, kwargs, index)
+
+    def _native_after(self, pending, out) -> bool:
+        entry = pending[0]
+        self._finish(pending, out)
+        return self._sampled.get(entry[7], 0) >= self.k
+
+    def _sync(self) -> None:
+        """Fold the native side's call counts into the entries and `calls`."""
+        if self._native is None:
+            return
+        for slot, n in self._native.take_counts():
+            self._slots[slot][6] += n
+        self.calls = self._native.calls()
+
+    def _begin(self, entry, func, args, kwargs, index) -> tuple:
+        """Before running a sampled call: RNG state and, for mutating ops, the inputs."""
         _, tensors = encode_args(args, kwargs)
-        whole = name in _WHOLE_STORAGE
-        mutates = bool(mutated_args(func))
+        whole = entry[0] in _WHOLE_STORAGE
         rng = None
         if entry[5]:
             gen = kwargs.get("generator")
             state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
             rng = self._put(state.clone(), owned=True)
-        inputs = [self._capture(t, whole) for t in tensors] if mutates else None
-        out = func(*args, **kwargs)
+        inputs = [self._capture(t, whole) for t in tensors] if mutated_args(func) else None
+        return entry, tensors, whole, rng, inputs, index
+
+    def _finish(self, pending, out) -> None:
+        entry, tensors, whole, rng, inputs, index = pending
+        sig, name, spec = entry[7], entry[0], entry[1]
         if inputs is None:
             inputs = [self._capture(t, whole) for t in tensors]
         out_tensors: list[torch.Tensor] = []
@@ -187,7 +241,6 @@ class Recorder(TorchDispatchMode):
             Provenance(self.run_id, self.module, self.phase, index), inputs, outputs, rng))
         if len(self._pending_samples) >= self.flush_samples or self._pending_bytes >= _FLUSH_BYTES:
             self.flush()
-        return out
 
     def _entry(self, func, args: tuple, kwargs: dict) -> list:
         """[op, spec, metas, replayable, reason, random, calls since last commit, signature] for this call."""
@@ -243,6 +296,7 @@ class Recorder(TorchDispatchMode):
 
     def flush(self) -> None:
         """Hand the pending batch to the writer thread (blocks only when two batches are already queued)."""
+        self._sync()
         counts = {sig: tuple(v[:7]) for sig, v in self._counts.items() if v[6]}
         if not (self._pending_samples or counts):
             return
@@ -297,6 +351,29 @@ class _Writer:
 
 
 _Tensor = torch.Tensor
+_warned = False
+
+
+def _native_hook(native: bool | None):
+    """The native carving hook module, or None for the Python dispatch mode (warned once when unavailable)."""
+    global _warned
+    if native is None:
+        env = os.environ.get("TAPML_CARVE_NATIVE", "auto").strip().lower()
+        native = {"0": False, "1": True, "false": False, "true": True}.get(env)
+    if native is False:
+        return None
+    from tapml import _native
+
+    try:
+        return _native.carve_hook()
+    except RuntimeError as e:
+        if native:
+            raise TapmlError(f"TAPML_CARVE_NATIVE=1 but the native carving hook is unavailable: {e}") from None
+        if not _warned:
+            _warned = True
+            print(f"tapml: native carving hook unavailable ({e}); using the slower Python dispatch mode",
+                  file=sys.stderr)
+        return None
 
 
 def _key(args, _T=_Tensor) -> tuple:

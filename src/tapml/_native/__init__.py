@@ -1,0 +1,48 @@
+"""Native (C++) helpers, built on first use with torch's extension loader into a per-user cache.
+
+`carve_hook()` returns the compiled carving hook module, or raises RuntimeError saying why it is unavailable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_SRC = Path(__file__).with_name("carve_hook.cpp")
+_module = None
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("TAPML_CACHE_DIR")
+    root = Path(base) if base else Path.home() / ".cache" / "tapml"
+    import torch
+
+    tag = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    return root / "native" / f"carve_hook_{tag}"
+
+
+def carve_hook():
+    """Build (once, cached) and import the carving hook extension."""
+    global _module, _error
+    if _module is not None:
+        return _module
+    if _error is not None:
+        raise RuntimeError(_error)
+    try:
+        import contextlib
+        import io
+
+        from torch.utils.cpp_extension import load
+
+        build = _cache_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            _module = load(name="tapml_carve_hook", sources=[str(_SRC)], build_directory=str(build),
+                           extra_cflags=["-O2"], verbose=False)
+    except Exception as e:  # no compiler, no headers, a build failure: the caller falls back
+        _error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        raise RuntimeError(_error) from None
+    return _module
