@@ -187,7 +187,42 @@ class Stats:
     pool_misses: int = 0
 
 
-class Runtime:
+class BufferPool:
+    """Size-bucketed reuse of device buffers, shared by the runtimes that run these kernels. A subclass sets
+    `who`, `stats`, `max_binding`, `_free`, `_pooled_bytes`, `_pool_cap` and makes and drops buffers."""
+
+    who = "webgpu"
+
+    def _new_buffer(self, size: int) -> _Buf:
+        raise NotImplementedError
+
+    def _drop(self, buf: _Buf) -> None:
+        raise NotImplementedError
+
+    def alloc(self, nbytes: int) -> Storage:
+        size = Runtime._bucket(nbytes)
+        if size > self.max_binding:
+            raise TapmlError(f"{self.who}: a tensor of {nbytes} bytes exceeds the largest storage binding "
+                             f"({self.max_binding} bytes)")
+        free = self._free.get(size)
+        if free:
+            self.stats.pool_hits += 1
+            buf = free.pop()
+            self._pooled_bytes -= size
+        else:
+            self.stats.pool_misses += 1
+            buf = self._new_buffer(size)
+        return Storage(self, buf, nbytes)
+
+    def _release(self, buf: _Buf) -> None:
+        if self._pooled_bytes + buf.size > self._pool_cap:
+            self._drop(buf)
+            return
+        self._free.setdefault(buf.size, []).append(buf)
+        self._pooled_bytes += buf.size
+
+
+class Runtime(BufferPool):
     """One wgpu device and everything cached on it."""
 
     def __init__(self, power_preference: str = "high-performance", int64: str = "auto"):
@@ -256,28 +291,12 @@ class Runtime:
         step = 1 << (n.bit_length() - 4)
         return (n + step - 1) // step * step
 
-    def alloc(self, nbytes: int) -> Storage:
-        size = self._bucket(nbytes)
-        if size > self.max_binding:
-            raise TapmlError(f"webgpu: a tensor of {nbytes} bytes exceeds this adapter's largest storage binding "
-                             f"({self.max_binding} bytes)")
-        free = self._free.get(size)
-        if free:
-            self.stats.pool_hits += 1
-            buf = free.pop()
-            self._pooled_bytes -= size
-        else:
-            self.stats.pool_misses += 1
-            u = self.wgpu.BufferUsage
-            gpu = self.device.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST)
-            buf = _Buf(gpu, size)
-        return Storage(self, buf, nbytes)
+    def _new_buffer(self, size: int) -> _Buf:
+        u = self.wgpu.BufferUsage
+        return _Buf(self.device.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST), size)
 
-    def _release(self, buf: _Buf) -> None:
-        if self._pooled_bytes + buf.size > self._pool_cap:
-            return  # dropped: wgpu frees it once no command or bind group refers to it
-        self._free.setdefault(buf.size, []).append(buf)
-        self._pooled_bytes += buf.size
+    def _drop(self, buf: _Buf) -> None:
+        pass  # wgpu frees it once no command or bind group refers to it
 
     def write(self, storage: Storage, data: Any, offset: int = 0) -> None:
         """Copy host bytes into a buffer. Pending dispatches are submitted first: a queue write runs before

@@ -14,8 +14,8 @@ from typing import Any
 
 from tapml.backends.webgpu.runtime import (
     DTYPES,
+    BufferPool,
     Kernel,
-    Runtime,
     Stats,
     Storage,
     _Buf,
@@ -30,8 +30,10 @@ _FLUSH_PARAMS = 1 << 20  # parameter bytes of one batch before it is sent anyway
 _FLUSH_DATA = 64 << 20  # written bytes of one batch before it is sent anyway
 
 
-class BrowserRuntime:
+class BrowserRuntime(BufferPool):
     """Drop-in for `tapml.backends.webgpu.runtime.Runtime` whose device is a WebGPU page."""
+
+    who = "webgpu-browser"
 
     def __init__(self, host: PageHost):
         self.host = host
@@ -72,29 +74,14 @@ class BrowserRuntime:
             raise TapmlError(f"webgpu-browser: {e}") from None
 
     # --- buffers -------------------------------------------------------------------------------------------
-    def alloc(self, nbytes: int) -> Storage:
-        size = Runtime._bucket(nbytes)
-        if size > self.max_binding:
-            raise TapmlError(f"webgpu-browser: a tensor of {nbytes} bytes exceeds the page's largest storage "
-                             f"binding ({self.max_binding} bytes)")
-        free = self._free.get(size)
-        if free:
-            self.stats.pool_hits += 1
-            buf = free.pop()
-            self._pooled_bytes -= size
-        else:
-            self.stats.pool_misses += 1
-            self._next_buf += 1
-            buf = _Buf(self._next_buf, size)
-            self._cmds.append(["create", buf.gpu, size])
-        return Storage(self, buf, nbytes)
+    def _new_buffer(self, size: int) -> _Buf:
+        self._next_buf += 1
+        buf = _Buf(self._next_buf, size)
+        self._cmds.append(["create", buf.gpu, size])
+        return buf
 
-    def _release(self, buf: _Buf) -> None:
-        if self._pooled_bytes + buf.size > self._pool_cap:
-            self._cmds.append(["destroy", buf.gpu])
-            return
-        self._free.setdefault(buf.size, []).append(buf)
-        self._pooled_bytes += buf.size
+    def _drop(self, buf: _Buf) -> None:
+        self._cmds.append(["destroy", buf.gpu])
 
     def write(self, storage: Storage, data: Any, offset: int = 0) -> None:
         """Queue host bytes for a buffer (copied now: the caller may reuse its memory before the flush)."""
