@@ -490,7 +490,13 @@ def serve(backend: str, host: str = "127.0.0.1", port: int = 0, token_file: str 
         try:
             await asyncio.Future()
         finally:
-            await server.stop()
+            # From here the process must end: a worker thread still inside a backend call, or a connection that
+            # does not close, would otherwise hold asyncio's and the interpreter's exit (both join threads).
+            watchdog = threading.Timer(2 * _STOP_SECONDS, _leave)
+            watchdog.daemon = True
+            watchdog.start()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.stop(), _STOP_SECONDS)
 
     try:
         asyncio.run(main())
@@ -500,3 +506,15 @@ def serve(backend: str, host: str = "127.0.0.1", port: int = 0, token_file: str 
         raise TapmlError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     finally:
         server.backend.close()
+
+
+_STOP_SECONDS = 5.0
+
+
+def _leave() -> None:
+    import sys
+
+    print("tapml serve: shutdown did not finish in time; exiting", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
