@@ -15,12 +15,18 @@ _error: str | None = None
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("TAPML_CACHE_DIR")
-    root = Path(base) if base else Path.home() / ".cache" / "tapml"
+    """Beside the environment it was built for (`make setup` builds it into .venv), so every process of that
+    environment finds it whatever its TAPML_CACHE_DIR; ~/.cache/tapml when the environment is not writable."""
+    import sys
+
     import torch
 
     tag = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
-    return root / "native" / f"carve_hook_{tag}"
+    base = os.environ.get("TAPML_NATIVE_DIR")
+    root = Path(base) if base else Path(sys.prefix) / "share" / "tapml-native"
+    if not base and not os.access(sys.prefix, os.W_OK):
+        root = Path.home() / ".cache" / "tapml" / "native"
+    return root / f"carve_hook_{tag}"
 
 
 def carve_hook():
