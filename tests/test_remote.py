@@ -279,6 +279,21 @@ def test_client_killed_mid_upload_leaves_the_server_clean(server):
     be.close()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_on_a_signal_even_with_sigint_inherited_as_ignored(sig):
+    """A server started with SIGINT ignored (what some parents hand down) still stops on Ctrl-C and SIGTERM."""
+    proc = subprocess.Popen([*TAPML, "serve", "--backend", "torch", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
+    try:
+        assert "ws://127.0.0.1:" in proc.stdout.readline()
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_cli_serve_and_test_remote(tmp_path, tiny_store):
     token = tmp_path / "token"
     token.write_text("cli-token-0123456789")

@@ -12,6 +12,7 @@ import contextlib
 import ipaddress
 import os
 import secrets
+import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -484,11 +485,17 @@ def serve(backend: str, host: str = "127.0.0.1", port: int = 0, token_file: str 
         raise TapmlError(f"backend {backend}: {e}") from None
 
     async def main() -> None:
+        # Ctrl-C (SIGINT) and SIGTERM stop the server, also when the process inherited SIGINT as ignored (as
+        # children of some test runners and of `cmd &` in scripts do), where Python's KeyboardInterrupt never comes.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         await server.start()
         if on_listening:
             on_listening(server)
         try:
-            await asyncio.Future()
+            await stop.wait()
         finally:
             # From here the process must end: a worker thread still inside a backend call, or a connection that
             # does not close, would otherwise hold asyncio's and the interpreter's exit (both join threads).
