@@ -187,17 +187,41 @@ class Stats:
     pool_misses: int = 0
 
 
-class BufferPool:
-    """Size-bucketed reuse of device buffers, shared by the runtimes that run these kernels. A subclass sets
-    `who`, `stats`, `max_binding`, `_free`, `_pooled_bytes`, `_pool_cap` and makes and drops buffers."""
+class RuntimeBase:
+    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers and the kernel
+    cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and `finalize`, makes and
+    drops buffers and compiles kernels."""
 
     who = "webgpu"
+
+    def _init_caches(self) -> None:
+        self._free: dict[int, list[_Buf]] = {}
+        self._pooled_bytes = 0
+        self._pool_cap = 1 << 30
+        self._kernels: dict[Any, Kernel] = {}  # by specialization key
+        self._by_source: dict[str, Kernel] = {}  # by final WGSL: keys that generate the same text share one
 
     def _new_buffer(self, size: int) -> _Buf:
         raise NotImplementedError
 
     def _drop(self, buf: _Buf) -> None:
         raise NotImplementedError
+
+    def _compile(self, src: str, bindings: str, name: str) -> Kernel:
+        raise NotImplementedError
+
+    def kernel(self, key: Any, source: Callable[[], str], bindings: str, name: str = "") -> Kernel:
+        """The pipeline for `key` (a template name plus its specialization), compiled on first use."""
+        k = self._kernels.get(key)
+        if k is not None:
+            return k
+        src = self.finalize(source())
+        k = self._by_source.get(src)
+        if k is None:
+            k = self._compile(src, bindings, name or str(key[0] if isinstance(key, tuple) else key))
+            self._by_source[src] = k
+        self._kernels[key] = k
+        return k
 
     def alloc(self, nbytes: int) -> Storage:
         size = Runtime._bucket(nbytes)
@@ -222,7 +246,7 @@ class BufferPool:
         self._pooled_bytes += buf.size
 
 
-class Runtime(BufferPool):
+class Runtime(RuntimeBase):
     """One wgpu device and everything cached on it."""
 
     def __init__(self, power_preference: str = "high-performance", int64: str = "auto"):
@@ -262,13 +286,9 @@ class Runtime(BufferPool):
         self.queue = self.device.queue
         self.finalize: Callable[[str], str] = lambda src: src  # the kernel library's last pass over a source
         self.stats = Stats()
-        self._free: dict[int, list[_Buf]] = {}
-        self._pooled_bytes = 0
-        self._pool_cap = 1 << 30
+        self._init_caches()
         self._staging: dict[int, Any] = {}
-        self._kernels: dict[Any, Kernel] = {}
         self.plans: dict[tuple, tuple] = {}  # launch plans of the kernel library, by operand layout
-        self._by_source: dict[str, Kernel] = {}
         self._layouts: dict[str, tuple[Any, Any]] = {}
         self._groups: OrderedDict[tuple, Any] = OrderedDict()
         self._arena = self.device.create_buffer(size=_ARENA_BYTES, usage=wgpu.BufferUsage.UNIFORM
@@ -334,19 +354,6 @@ class Runtime(BufferPool):
         return memoryview(data).cast("B")[offset - lo: offset - lo + nbytes]
 
     # --- kernels -------------------------------------------------------------------------------------------
-    def kernel(self, key: Any, source: Callable[[], str], bindings: str, name: str = "") -> Kernel:
-        """The pipeline for `key` (a template name plus its specialization), compiled on first use."""
-        k = self._kernels.get(key)
-        if k is not None:
-            return k
-        src = self.finalize(source())
-        k = self._by_source.get(src)
-        if k is None:
-            k = self._compile(src, bindings, name or str(key[0] if isinstance(key, tuple) else key))
-            self._by_source[src] = k
-        self._kernels[key] = k
-        return k
-
     def _layout(self, bindings: str) -> tuple[Any, Any]:
         got = self._layouts.get(bindings)
         if got is None:

@@ -14,8 +14,8 @@ from typing import Any
 
 from tapml.backends.webgpu.runtime import (
     DTYPES,
-    BufferPool,
     Kernel,
+    RuntimeBase,
     Stats,
     Storage,
     _Buf,
@@ -30,7 +30,7 @@ _FLUSH_PARAMS = 1 << 20  # parameter bytes of one batch before it is sent anyway
 _FLUSH_DATA = 64 << 20  # written bytes of one batch before it is sent anyway
 
 
-class BrowserRuntime(BufferPool):
+class BrowserRuntime(RuntimeBase):
     """Drop-in for `tapml.backends.webgpu.runtime.Runtime` whose device is a WebGPU page."""
 
     who = "webgpu-browser"
@@ -55,11 +55,7 @@ class BrowserRuntime(BufferPool):
         self.finalize: Callable[[str], str] = lambda src: src  # the kernel library's last pass over a source
         self.plans: dict[tuple, tuple] = {}  # launch plans of the kernel library, by operand layout
         self.stats = Stats()
-        self._free: dict[int, list[_Buf]] = {}
-        self._pooled_bytes = 0
-        self._pool_cap = 1 << 30
-        self._kernels: dict[Any, Kernel] = {}
-        self._by_source: dict[str, Kernel] = {}
+        self._init_caches()
         self._next_buf = 0
         self._cmds: list[list[Any]] = []
         self._blobs: list[Any] = []
@@ -108,26 +104,15 @@ class BrowserRuntime(BufferPool):
         return blobs[reply["reads"][-1]][offset - lo: offset - lo + nbytes]
 
     # --- kernels -------------------------------------------------------------------------------------------
-    def kernel(self, key: Any, source: Callable[[], str], bindings: str, name: str = "") -> Kernel:
-        """The page's pipeline for `key`, compiled there on first use from the WGSL the backend generates."""
-        k = self._kernels.get(key)
-        if k is not None:
-            return k
-        src = self.finalize(source())
-        k = self._by_source.get(src)
-        if k is None:
-            label = name or str(key[0] if isinstance(key, tuple) else key)
-            kid = len(self._by_source) + 1
-            try:
-                self.host.request({"type": "kernel", "kernel": kid, "source": src, "bindings": bindings,
-                                   "name": label})
-            except RemoteError as e:
-                raise TapmlError(f"webgpu-browser: kernel {label} failed to compile: {e}") from None
-            self.stats.compiles += 1
-            k = Kernel(kid, None, bindings, label)
-            self._by_source[src] = k
-        self._kernels[key] = k
-        return k
+    def _compile(self, src: str, bindings: str, name: str) -> Kernel:
+        """Compiled in the page, from the WGSL the backend generates."""
+        kid = len(self._by_source) + 1
+        try:
+            self.host.request({"type": "kernel", "kernel": kid, "source": src, "bindings": bindings, "name": name})
+        except RemoteError as e:
+            raise TapmlError(f"webgpu-browser: kernel {name} failed to compile: {e}") from None
+        self.stats.compiles += 1
+        return Kernel(kid, None, bindings, name)
 
     def grid(self, groups: int) -> tuple[int, int, int]:
         return grid_for(groups, self.max_groups)
