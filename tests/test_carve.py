@@ -1,5 +1,6 @@
 """Carving: op kinds and counts, inputs before mutation, sampling, dedup/content addressing, RNG, SIGKILL."""
 
+import importlib.util
 import os
 import signal
 import sqlite3
@@ -7,10 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import MODELS, model_ref
 
 from tapml.carve import carve, load_workload
+from tapml.errors import TapmlError
 from tapml.replay import run_tests
 from tapml.store import CaseStore
 
@@ -52,6 +55,52 @@ def test_a_cached_parameter_view_keeps_its_layout(tmp_path):
     for w in weights:
         assert torch.equal(w, work.model.w.detach().t())
     assert run_tests(str(tmp_path / "s"), "torch", progress=False).totals()["fail"] == 0
+
+
+def test_a_weight_and_its_transposed_view_are_one_blob(tmp_path):
+    """Blobs are addressed by values, not shape: w ([6, 4], input of aten.t) and w.t() (its memory span, input
+    of aten.mm) are the same 96 bytes, stored once."""
+    carve(model_ref("make_shared_transposed"), tmp_path / "s", progress=False)
+    db = sqlite3.connect(tmp_path / "s" / "cases.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM blobs WHERE nbytes = 96").fetchone()[0] == 1
+    db.close()
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("flush", ["1", "512"])
+def test_recorded_tensors_written_later_keep_their_recorded_values(tmp_path, monkeypatch, native, flush):
+    """Large tensors are recorded by reference; in-place writes after the recording (by an op, through .data,
+    into an output), with the blob still pending (flush 512) or already with the writer (flush 1), must not
+    reach the store."""
+    if native == "1":
+        _native_or_skip()
+    monkeypatch.setenv("TAPML_CARVE_NATIVE", native)
+    monkeypatch.setenv("TAPML_CARVE_FLUSH", flush)
+    carve(model_ref("make_late_writes"), tmp_path / "s", progress=False)
+    model, (x,) = _fresh("make_late_writes")
+    with CaseStore.open(tmp_path / "s") as st:
+        (mm,) = [c for c in st.cases() if c.op == "aten.mm.default"]
+        call = st.load_call(mm, st.samples(mm.id)[0])
+        (tanh,) = [c for c in st.cases() if c.op == "aten.tanh.default"]
+        a = st.load_call(tanh, st.samples(tanh.id)[0]).args[0]
+    assert torch.equal(call.args[0], x) and torch.equal(call.args[1], model.w.detach())
+    assert torch.equal(call.outputs, x @ model.w.detach()) and torch.equal(a, call.outputs)
+    assert run_tests(str(tmp_path / "s"), "torch", progress=False).totals()["fail"] == 0
+
+
+def test_a_write_no_op_announces_fails_the_carve_loudly(tmp_path):
+    """A recorded tensor overwritten through numpy cannot be saved as recorded: the carve fails, no store."""
+    with pytest.raises(TapmlError, match="overwritten during the carve"):
+        carve(model_ref("make_numpy_write"), tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def _fresh(fn: str):
+    """A fresh (model, inputs) from tests/models/tiny.py, as the carve got them before its run."""
+    spec = importlib.util.spec_from_file_location("tiny_models", MODELS / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return getattr(mod, fn)()
 
 
 def test_samples_per_signature_and_content_addressing_shrink_the_store(tmp_path):
@@ -183,7 +232,7 @@ def test_native_hook_sees_exactly_the_calls_the_python_mode_sees():
     with torch.no_grad(), Names() as mode:
         work.run()
     with torch.no_grad(), Unreached():
-        hook.enable(lambda *a: None, lambda *a: False)
+        hook.enable(lambda *a: None, lambda *a: False, lambda *a: None)
         hook.set_trace(True)
         try:
             work.run()

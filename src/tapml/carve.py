@@ -7,6 +7,7 @@ on-disk layout belongs to `store.py`, and model construction to `tapml.zoo` / `l
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import queue
@@ -26,7 +27,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapml.errors import TapmlError
 from tapml.ops import (
-    Provenance,
     Unserializable,
     compact,
     content_hash,
@@ -35,16 +35,20 @@ from tapml.ops import (
     is_seeded_random,
     mutated_args,
     op_name,
-    signature,
+    signature_parts,
     tensor_meta,
+    written_args,
 )
-from tapml.store import CaseStore, PendingSample
+from tapml.store import Batch, CaseStore
 
 # Ops that may read storage outside their input view: the whole storage is kept for them.
 _WHOLE_STORAGE = {"aten.as_strided.default", "aten.as_strided_.default", "aten.as_strided_scatter.default"}
 # Flush a batch to disk after this many samples or bytes (bounds memory and what a crash can lose).
 _FLUSH_SAMPLES = 512
 _FLUSH_BYTES = 64 << 20
+# Tensors at least this large are kept by reference until written (copying them costs more than watching them);
+# smaller ones are copied. The writer re-hashes referenced blobs without the GIL (xxhash releases it above ~100 KiB).
+_REF_BYTES = 128 << 10
 
 
 @dataclass
@@ -134,19 +138,30 @@ class Recorder(TorchDispatchMode):
         self._known = store.known_blobs()
         self._pending_blobs: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
-        self._pending_samples: list[PendingSample] = []
+        # Recorded tensors are kept by reference, not copied, until the writer has them on disk. Their storages
+        # (by data pointer) are watched: before an op writes into one, `_on_write` copies what is still pending
+        # and waits for the writer to finish batches that reference it. The writer re-hashes the referenced
+        # blobs after writing, so a write no op announced (through .numpy(), say) fails loudly, never silently.
+        self._refs: dict[int, list[str]] = {}  # storage ptr -> hashes of pending blobs that are views of it
+        self._inflight: dict[int, int] = {}  # storage ptr -> the last submitted batch referencing it
+        self._watched: set[int] = set()
+        self._pending_samples: list[list] = []  # sample rows, as Batch takes them
+        self._stored = set(self._sampled)  # signatures the store holds (at the start, and committed since)
         self._counts: dict[str, list] = {}  # signature -> entry (see _entry)
         self._by_key: dict[tuple, list] = {}  # fast call key -> the same entry
         # Hash cache for parameters/buffers only: their storage outlives the run, so a pointer can't be reused.
-        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-        self._param_hash: dict[tuple, tuple[str, dict]] = {}
+        # Keyed by the recorded memory span, so a weight and its transposed view are hashed once.
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in params} - {0}
+        self._param_hash: dict[tuple, str] = {}
         self._writer = _Writer(store, run_id)
 
     # --- the dispatch hook ------------------------------------------------------------------------------
     def __enter__(self):
         out = super().__enter__()
         if self._native is not None:
-            self._native.enable(self._native_before, self._native_after)
+            self._native.enable(self._native_before, self._native_after, self._on_write)
+        for ptr in self._param_ptrs:  # a write through .data changes no version: the hash cache must hear of it
+            self._watch(ptr)
         return out
 
     def __exit__(self, *exc):
@@ -159,6 +174,8 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if self._native is not None:  # only for tensors that carry the Python key; the native hook records
             return func(*args, **kwargs)
+        if self._watched and func._schema.is_mutable:
+            self._guard_writes(func, args, kwargs)
         index = self.calls
         self.calls += 1
         # Fast path: a hashable key of the call's shapes/dtypes/strides/scalars finds its entry without
@@ -168,8 +185,9 @@ class Recorder(TorchDispatchMode):
             entry = self._by_key.get(key)
         except TypeError:  # an unhashable argument: take the slow path every time
             key, entry = None, None
+        tensors = None
         if entry is None:
-            entry = self._entry(func, args, kwargs)
+            entry, tensors = self._entry(func, args, kwargs)
             if key is not None:
                 self._by_key[key] = entry
         entry[6] += 1
@@ -179,7 +197,7 @@ class Recorder(TorchDispatchMode):
             if self.naive_bytes is not None:
                 self.naive_bytes += _nbytes(pytree.tree_leaves((args, kwargs))) + _nbytes(pytree.tree_leaves(out))
             return out
-        pending = self._begin(entry, func, args, kwargs, index)
+        pending = self._begin(entry, func, args, kwargs, index, tensors)
         out = func(*args, **kwargs)
         self._finish(pending, out)
         return out
@@ -187,21 +205,53 @@ class Recorder(TorchDispatchMode):
     # The native hook (tapml/_native/carve_hook.cpp) counts every call in C++ and calls these two only for a
     # call key it has not seen or one whose signature may still need a sample; it runs the op in between.
     def _native_before(self, func, args, kwargs, index, slot, is_new):
+        tensors = None
         if slot < 0:  # a call the native key does not cover: resolved every time, counted here
-            entry = self._entry(func, args, kwargs)
+            entry, tensors = self._entry(func, args, kwargs)
             entry[6] += 1
         elif is_new:
-            entry = self._slots[slot] = self._entry(func, args, kwargs)
+            entry, tensors = self._entry(func, args, kwargs)
+            self._slots[slot] = entry
         else:
             entry = self._slots[slot]
         if not entry[3] or self._sampled.get(entry[7], 0) >= self.k:
             return None  # never sampled again: the native side only counts this key from now on
-        return self._begin(entry, func, args, kwargs, index)
+        return self._begin(entry, func, args, kwargs, index, tensors)
 
     def _native_after(self, pending, out) -> bool:
         entry = pending[0]
         self._finish(pending, out)
         return self._sampled.get(entry[7], 0) >= self.k
+
+    def _guard_writes(self, func, args: tuple, kwargs: dict) -> None:
+        """Python mode: what the native hook does before a writing op (see `_on_write`)."""
+        for i, name in written_args(func):
+            v = args[i] if i < len(args) else kwargs.get(name)
+            for t in v if isinstance(v, (list, tuple)) else (v,):
+                if isinstance(t, torch.Tensor):
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr in self._watched:
+                        self._on_write(ptr)
+
+    def _watch(self, ptr: int) -> None:
+        if ptr not in self._watched:
+            self._watched.add(ptr)
+            if self._native is not None:
+                self._native.watch(ptr)
+
+    def _on_write(self, ptr: int) -> None:
+        """An op is about to write into storage `ptr`: secure every recorded blob that is a view of it."""
+        self._watched.discard(ptr)  # the native side has already dropped it
+        for h in self._refs.pop(ptr, ()):
+            v = self._pending_blobs.get(h)
+            if v is not None and v.untyped_storage().data_ptr() == ptr:
+                self._pending_blobs[h] = v.clone()
+        seq = self._inflight.pop(ptr, None)
+        if seq is not None:
+            self._writer.wait(seq)
+        if ptr in self._param_ptrs:
+            self._param_hash = {k: h for k, h in self._param_hash.items() if k[0] != ptr}
+            self._watch(ptr)
 
     def _sync(self) -> None:
         """Fold the native side's call counts into the entries and `calls`."""
@@ -211,39 +261,41 @@ class Recorder(TorchDispatchMode):
             self._slots[slot][6] += n
         self.calls = self._native.calls()
 
-    def _begin(self, entry, func, args, kwargs, index) -> tuple:
+    def _begin(self, entry, func, args, kwargs, index, tensors=None) -> tuple:
         """Before running a sampled call: RNG state and, for mutating ops, the inputs."""
-        _, tensors = encode_args(args, kwargs)
+        if tensors is None:
+            _, tensors = encode_args(args, kwargs)
         whole = entry[0] in _WHOLE_STORAGE
         rng = None
         if entry[5]:
             gen = kwargs.get("generator")
             state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
             rng = self._put(state.clone(), owned=True)
-        inputs = [self._capture(t, whole) for t in tensors] if mutated_args(func) else None
+        # A mutating op's inputs are copied now: it is about to overwrite them.
+        inputs = ([self._capture(t, whole, m, copy=True) for t, m in zip(tensors, entry[2])]
+                  if mutated_args(func) else None)
         return entry, tensors, whole, rng, inputs, index
 
     def _finish(self, pending, out) -> None:
         entry, tensors, whole, rng, inputs, index = pending
-        sig, name, spec = entry[7], entry[0], entry[1]
+        sig = entry[7]
         if inputs is None:
-            inputs = [self._capture(t, whole) for t in tensors]
+            inputs = [self._capture(t, whole, m) for t, m in zip(tensors, entry[2])]
         out_tensors: list[torch.Tensor] = []
         out_spec = encode_value(out, out_tensors) if not isinstance(out, torch.Tensor) else {"T": 0}
         if isinstance(out, torch.Tensor):
             out_tensors = [out]
-        outputs = {"spec": out_spec, "tensors": [self._capture(t, False) for t in out_tensors]}
+        outputs = {"spec": out_spec, "tensors": [self._capture(t, False, tensor_meta(t)) for t in out_tensors]}
         if self.naive_bytes is not None:
             self.naive_bytes += _nbytes(tensors) + _nbytes(out_tensors)
         self._sampled[sig] = self._sampled.get(sig, 0) + 1
-        self._pending_samples.append(PendingSample(
-            sig, name, spec, entry[2], True, None, entry[5],
-            Provenance(self.run_id, self.module, self.phase, index), inputs, outputs, rng))
+        self._pending_samples.append([sig, self.module, self.phase, index, inputs, outputs, rng])
         if len(self._pending_samples) >= self.flush_samples or self._pending_bytes >= _FLUSH_BYTES:
             self.flush()
 
-    def _entry(self, func, args: tuple, kwargs: dict) -> list:
-        """[op, spec, metas, replayable, reason, random, calls since last commit, signature] for this call."""
+    def _entry(self, func, args: tuple, kwargs: dict) -> tuple[list, list]:
+        """[op, spec, metas, replayable, reason, random, calls since last commit, signature, spec JSON, metas JSON]
+        for this call, and its tensor arguments."""
         name = op_name(func)
         try:
             spec, tensors = encode_args(args, kwargs)
@@ -251,60 +303,91 @@ class Recorder(TorchDispatchMode):
         except Unserializable as e:
             spec = {"args": [repr(a) for a in args], "kwargs": {k: repr(v) for k, v in kwargs.items()}}
             tensors, replayable, reason = [], False, str(e)
-        sig = signature(name, spec, tensors)
+        metas = [tensor_meta(t) for t in tensors]
+        sig, spec_json, metas_json = signature_parts(name, spec, metas)
         entry = self._counts.get(sig)
         if entry is None:
-            entry = self._counts[sig] = [name, spec, [tensor_meta(t) for t in tensors], replayable, reason,
-                                         is_seeded_random(func, args, kwargs), 0, sig]
-        return entry
+            entry = self._counts[sig] = [name, spec, metas, replayable, reason,
+                                         is_seeded_random(func, args, kwargs), 0, sig, spec_json, metas_json]
+        return entry, tensors
 
-    def _capture(self, t: torch.Tensor, whole: bool) -> list:
-        meta = tensor_meta(t)
+    def _capture(self, t: torch.Tensor, whole: bool, meta: dict, copy: bool = False) -> list:
+        """[hash, meta] of `t` (`meta`: its tensor_meta); its values join the pending blobs (by reference unless
+        `copy`) when new."""
         if whole:
             n = t.untyped_storage().nbytes() // t.element_size()
             meta = {**meta, "stride": list(t.stride()), "offset": t.storage_offset(), "storage": n}
-        key = None
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self._param_ptrs:
-            # A parameter view is hashed once per (view, version): weights used by every step cost nothing.
-            key = (ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t._version, whole)
-            hit = self._param_hash.get(key)
-            if hit is not None:
-                return [hit[0], hit[1]]  # the meta too: it says how the blob was laid out (span)
-        if whole:
-            values = torch.as_strided(t, (meta["storage"],), (1,), 0)
+            values = torch.as_strided(t.detach(), (n,), (1,), 0)
         else:
             values, span = compact(t)
             if span:
                 meta = {**meta, "span": True}
-        h = self._put(values, owned=values.untyped_storage().data_ptr() != ptr)
+        ptr = t.untyped_storage().data_ptr()
+        shared = ptr != 0 and values.untyped_storage().data_ptr() == ptr
+        if shared and copy:
+            values, shared = values.clone(), False
+        key = None
+        if shared and ptr in self._param_ptrs:
+            # A parameter span is hashed once: weights used by every step cost nothing. (No version in the key:
+            # a view made by a view op has its own counter until autograd's layer, above this one, ties it to the
+            # base's. Writes into parameters come through `_on_write`, which drops their entries.)
+            key = (ptr, values.storage_offset(), values.numel(), values.dtype)
+            h = self._param_hash.get(key)
+            if h is not None:
+                return [h, meta]
+        h = self._put(values, owned=not shared)
         if key is not None:
-            self._param_hash[key] = (h, meta)
+            self._param_hash[key] = h
         return [h, meta]
 
     def _put(self, values: torch.Tensor, owned: bool = False) -> str:
-        """Content-address `values`; keep a private copy when new (`owned`: already a fresh copy)."""
+        """Content-address `values` and keep them when new: `owned` (a private copy) as they are, a view of a
+        live tensor by reference, its storage watched until the writer has it on disk."""
         values = values.detach()
         if not values.is_contiguous():
             values, owned = values.contiguous(), True
         h = content_hash(values)
         if h not in self._known and h not in self._pending_blobs:
-            # The original may be a view of a larger tensor or be mutated later: keep our own copy.
-            self._pending_blobs[h] = values if owned else values.clone()
+            if not owned:
+                ptr = values.untyped_storage().data_ptr()
+                if ptr == 0 or values.numel() * values.element_size() < _REF_BYTES:
+                    values = values.clone()
+                else:
+                    self._refs.setdefault(ptr, []).append(h)
+                    self._watch(ptr)
+            self._pending_blobs[h] = values
             self._pending_bytes += values.numel() * values.element_size()
         return h
 
     def flush(self) -> None:
         """Hand the pending batch to the writer thread (blocks only when two batches are already queued)."""
         self._sync()
-        counts = {sig: tuple(v[:7]) for sig, v in self._counts.items() if v[6]}
+        counts = [[sig, v[6]] for sig, v in self._counts.items() if v[6]]
         if not (self._pending_samples or counts):
             return
-        self._writer.submit(self._pending_blobs, self._pending_samples, counts, self.calls)
+        cases = {}
+        for sig in [sig for sig, _ in counts] + [row[0] for row in self._pending_samples]:
+            if sig not in self._stored and sig not in cases:
+                v = self._counts[sig]
+                cases[sig] = [sig, v[0], v[8], v[9], v[3], v[4], v[5]]
+        batch = Batch(self._pending_blobs, list(cases.values()), counts, self._pending_samples)
+        refs = {h for hs in self._refs.values() for h in hs}
+        seq = self._writer.submit(batch, refs, self.calls)
+        self._stored.update(cases)
         self._known.update(self._pending_blobs)
         self._pending_blobs, self._pending_samples, self._pending_bytes = {}, [], 0
         for v in self._counts.values():
             v[6] = 0
+        for ptr in self._refs:
+            self._inflight[ptr] = seq
+        self._refs = {}
+        done = self._writer.done
+        for ptr in [p for p, n in self._inflight.items() if n <= done]:  # on disk: no longer at risk
+            del self._inflight[ptr]
+            if ptr not in self._param_ptrs:
+                self._watched.discard(ptr)
+                if self._native is not None:
+                    self._native.unwatch(ptr)
 
     def close(self) -> None:
         """Wait until everything handed over is durable; re-raise a writer failure."""
@@ -314,13 +397,17 @@ class Recorder(TorchDispatchMode):
 class _Writer:
     """Writes batches (shard + SQLite commit) on a thread so storage I/O overlaps the model run.
 
-    Batches commit in order; a failure is re-raised in the recording thread at the next submit or close.
+    Batches commit in order and are numbered; `done` is the last one finished (written or failed) and `wait`
+    blocks until a given one is. A failure is re-raised in the recording thread at the next submit or close.
     """
 
     def __init__(self, store: CaseStore, run_id: int):
         self.store, self.run_id = store, run_id
         self.queue: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
+        self.seq = 0
+        self.done = 0
+        self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name="tapml-store-writer", daemon=True)
         self.thread.start()
 
@@ -329,25 +416,47 @@ class _Writer:
             item = self.queue.get()
             if item is None:
                 return
+            seq, batch, refs, calls = item
             if self.error is None:
                 try:
-                    self.store.commit(self.run_id, *item)
+                    self.store.commit_batch(self.run_id, batch, calls,
+                                            verify=functools.partial(_verify, batch.blobs, refs) if refs else None)
                 except BaseException as e:  # surfaced in the recording thread
                     self.error = e
+            del item, batch, refs  # drop the references before saying the batch is done
+            with self.cond:
+                self.done = seq
+                self.cond.notify_all()
 
     def _check(self) -> None:
         if self.error is not None:
             raise self.error
 
-    def submit(self, blobs: dict, samples: list, counts: dict, calls: int) -> None:
+    def submit(self, batch: Batch, refs: set, calls: int) -> int:
+        """Queue a batch (`refs`: the hashes of its blobs that are views of live tensors); returns its number."""
         self._check()
-        self.queue.put((blobs, samples, counts, calls))
+        self.seq += 1
+        self.queue.put((self.seq, batch, refs, calls))
+        return self.seq
+
+    def wait(self, seq: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.done >= seq or not self.thread.is_alive())
 
     def close(self) -> None:
         if self.thread.is_alive():
             self.queue.put(None)
             self.thread.join()
         self._check()
+
+
+def _verify(blobs: dict[str, torch.Tensor], refs: set[str]) -> None:
+    """After a shard is written: the blobs written from live tensors still hold what was recorded."""
+    changed = [h for h in refs if content_hash(blobs[h]) != h]
+    if changed:
+        raise TapmlError(f"{len(changed)} recorded tensor(s) were overwritten during the carve by a write that no "
+                         "PyTorch operator made (through .numpy() or a C extension, say); the recording would be "
+                         "wrong: carve again without writing into tensors outside PyTorch ops")
 
 
 _Tensor = torch.Tensor

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -78,15 +79,25 @@ def resolve_op(name: str) -> torch._ops.OpOverload:
 @cache
 def mutated_args(func: torch._ops.OpOverload) -> tuple[str, ...]:
     """Names of the schema arguments the op writes to (in-place self, out=)."""
-    return tuple(
-        a.name for a in func._schema.arguments if a.alias_info is not None and a.alias_info.is_write
-    )
+    return tuple(name for _, name in written_args(func))
+
+
+@cache
+def written_args(func: torch._ops.OpOverload) -> tuple[tuple[int, str], ...]:
+    """(position, name) of the schema arguments the op writes to."""
+    return tuple((i, a.name) for i, a in enumerate(func._schema.arguments)
+                 if a.alias_info is not None and a.alias_info.is_write)
+
+
+@cache
+def _seeded(func: torch._ops.OpOverload) -> bool:
+    return _SEEDED in func.tags
 
 
 def is_seeded_random(func: torch._ops.OpOverload, args: tuple | None = None, kwargs: dict | None = None) -> bool:
     """Whether the call draws from the generator. Given the call's arguments, a dropout with probability 0
     (SDPA's `dropout_p=0.0`, `native_dropout(p=0)`) or `train=False` draws nothing and is deterministic."""
-    if _SEEDED not in func.tags:
+    if not _seeded(func):
         return False
     if args is None:
         return True
@@ -102,6 +113,7 @@ def is_seeded_random(func: torch._ops.OpOverload, args: tuple | None = None, kwa
     return True
 
 
+@cache
 def op_name(func: torch._ops.OpOverload) -> str:
     return str(func)  # "aten.mm.default"
 
@@ -250,22 +262,40 @@ def rebuild(values: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
 
 
 def content_hash(t: torch.Tensor) -> str:
-    """Content address of a compact tensor: dtype, shape and bytes (xxh3-128: fast enough to run per sample)."""
-    h = xxhash.xxh3_128()
-    h.update(f"{t.dtype}|{list(t.shape)}|".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.dtype != torch.bool
-                 else t.reshape(-1).to(torch.uint8).numpy().data)
-    return h.hexdigest()
+    """Content address of a compact tensor's values: dtype and bytes, not shape (xxh3-128, seeded by the dtype:
+    fast enough to run per sample). A weight and its transposed view (recorded as the same memory span) share
+    one blob; the shape lives in each sample's tensor meta."""
+    raw = t.numpy() if t.dtype in _NUMPY_DTYPES else t.reshape(-1).view(torch.uint8).numpy()
+    return xxhash.xxh3_128_hexdigest(raw, seed=_dtype_seed(t.dtype))
+
+
+# dtypes whose tensors numpy can view directly (their bytes, as the others' are through a uint8 view)
+_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.complex64, torch.complex128, torch.int64,
+                 torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
+
+
+@cache
+def _dtype_seed(dtype: torch.dtype) -> int:
+    return zlib.crc32(str(dtype).encode())
 
 
 # --- signatures --------------------------------------------------------------------------------------------
 
 def signature(op: str, spec: Any, tensors: list[torch.Tensor]) -> str:
     """Dedup key: overload, each tensor's shape/dtype (+strides where they matter) and the non-tensor args."""
-    metas = [tensor_meta(t) for t in tensors]
-    text = json.dumps([op, spec, metas], separators=(",", ":"), sort_keys=True)
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+    return signature_parts(op, spec, [tensor_meta(t) for t in tensors])[0]
+
+
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), sort_keys=True)  # made once: json.dumps(**opts) makes one per call
+
+
+def signature_parts(op: str, spec: Any, metas: list[dict]) -> tuple[str, str, str]:
+    """(signature, spec JSON, metas JSON): the signature hashes `[op, spec, metas]` as canonical JSON, whose
+    two parts are what the store keeps for the case."""
+    spec_json = _CANONICAL.encode(spec)
+    metas_json = _CANONICAL.encode(metas)
+    text = f"[{json.dumps(op)},{spec_json},{metas_json}]"
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest(), spec_json, metas_json
 
 
 def describe_signature(spec: Any, metas: list[dict]) -> str:

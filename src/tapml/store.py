@@ -13,13 +13,12 @@ import sqlite3
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import safetensors
-import safetensors.torch
 import torch
 
 from tapml.errors import TapmlError
@@ -100,7 +99,56 @@ class PendingSample:
     rng: str | None
 
 
-def _fsync_dir(path: Path) -> None:
+class Batch:
+    """One commit, prepared in the thread that records: blobs laid out for safetensors and every row encoded as
+    one JSON array per table, which SQLite unpacks itself (json_each). The writer thread's `commit_batch` is
+    then file and SQLite I/O that takes the GIL a handful of times, not once per row: on a busy interpreter each
+    hand-over of the GIL costs the recording thread a thread switch.
+
+    `cases`: [signature, op, spec JSON, metas JSON, replayable, reason, random] for each case the store may not
+    hold yet; `counts`: [signature, calls since the last commit]; `samples`: [signature, module, phase,
+    call index, inputs, outputs, rng hash].
+    """
+
+    def __init__(self, blobs: dict[str, torch.Tensor], cases: list[list], counts: list[list],
+                 samples: list[list]):
+        self.blobs = blobs
+        self.n_counts, self.n_samples = len(counts), len(samples)
+        # The specs point into the (contiguous) tensors' memory, flat; no torch op runs here, since a Recorder
+        # builds batches while it records.
+        self.specs: dict[str, Any] = {}
+        rows = []
+        for h, t in blobs.items():
+            if not t.is_contiguous():
+                raise ValueError(f"blob {h} is not contiguous")
+            n, nbytes = t.numel(), t.numel() * t.element_size()
+            dtype = str(t.dtype).removeprefix("torch.")
+            rows.append([h, dtype, f"[{n}]", nbytes])
+            raw = t.dtype in _RAW_DTYPES  # stored as bytes
+            self.specs[h] = safetensors.TensorSpec(dtype="uint8" if raw else dtype, shape=[nbytes if raw else n],
+                                                   data_ptr=t.data_ptr(), data_len=nbytes)
+        self.blobs_json = json.dumps(rows)
+        self.cases_json = json.dumps(cases) if cases else None
+        self.counts_json = json.dumps(counts)
+        self.samples_json = json.dumps(samples)
+
+    @classmethod
+    def encode(cls, blobs: dict[str, torch.Tensor], samples: list[PendingSample],
+               counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]]) -> Batch:
+        """From captured samples and `counts` (signature -> (op, spec, metas, replayable, reason, random, n))."""
+        cases = {sig: [sig, op, json.dumps(spec), json.dumps(metas), replayable, reason, random]
+                 for sig, (op, spec, metas, replayable, reason, random, _) in counts.items()}
+        for x in samples:
+            if x.signature not in cases:
+                cases[x.signature] = [x.signature, x.op, json.dumps(x.spec), json.dumps(x.metas), x.replayable,
+                                      x.reason, x.random]
+        rows = [[x.signature, x.provenance.module, x.provenance.phase, x.provenance.index, x.inputs, x.outputs,
+                 x.rng] for x in samples]
+        return cls(blobs, list(cases.values()), [[sig, v[6]] for sig, v in counts.items()], rows)
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or (for a rename to be durable) a directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -129,9 +177,9 @@ class CaseStore:
         fresh = not (p / "cases.sqlite").exists()
         store = cls._connect(p)
         if fresh:
-            with store.db:
-                store.db.executescript(_SCHEMA)
-                store.db.execute("INSERT INTO meta VALUES ('format', ?), ('version', ?)", (FORMAT, str(VERSION)))
+            # One transaction (one sync), not one per statement as executescript would run them.
+            store.db.executescript(f"BEGIN;{_SCHEMA}INSERT INTO meta VALUES ('format', '{FORMAT}'),"
+                                   f" ('version', '{VERSION}');COMMIT;")
         else:
             store._check()
         return store
@@ -201,55 +249,64 @@ class CaseStore:
         return dict(rows.fetchall())
 
     def commit(self, run_id: int, blobs: dict[str, torch.Tensor], samples: list[PendingSample],
-               counts: dict[str, tuple[str, Any, list, bool, str | None, bool]], calls: int) -> None:
+               counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]], calls: int,
+               verify: Callable[[], None] | None = None) -> None:
         """Write new blobs to one shard (durably), then commit rows for samples and occurrence counts.
 
         `counts` maps signature -> (op, spec, metas, replayable, reason, random, n) for calls seen since the
-        last commit, so cases that ran but were not sampled are still counted.
+        last commit, so cases that ran but were not sampled are still counted. See `commit_batch`.
         """
-        shard = None
-        if blobs:
-            shard = self._write_shard(blobs)
+        self.commit_batch(run_id, Batch.encode(blobs, samples, counts), calls, verify)
+
+    def commit_batch(self, run_id: int, batch: Batch, calls: int, verify: Callable[[], None] | None = None) -> None:
+        """Write the batch's blobs to one shard (durably), then commit its rows in one transaction.
+
+        Blobs are stored flat (their values; every reader lays them out from the sample's tensor meta).
+        `verify`, when given, runs after the shard is written and before any row commits; if it raises, the
+        shard is removed and nothing commits.
+        """
+        shard = self._write_shard(batch, verify) if batch.blobs else None
+        x = self.db.execute
         with self.db:
             if shard is not None:
-                self.db.executemany(
-                    "INSERT OR IGNORE INTO blobs(hash, shard, dtype, shape, nbytes) VALUES (?,?,?,?,?)",
-                    [(h, shard, str(t.dtype).removeprefix("torch."), json.dumps(list(t.shape)),
-                      t.numel() * t.element_size()) for h, t in blobs.items()])
-            ids: dict[str, int] = {}
-            for sig, (op, spec, metas, replayable, reason, random, n) in counts.items():
-                self.db.execute(
-                    "INSERT OR IGNORE INTO cases(signature, op, spec, metas, replayable, reason, random)"
-                    " VALUES (?,?,?,?,?,?,?)",
-                    (sig, op, json.dumps(spec), json.dumps(metas), int(replayable), reason, int(random)))
-                (cid,) = self.db.execute("SELECT id FROM cases WHERE signature=?", (sig,)).fetchone()
-                ids[sig] = cid
-                self.db.execute(
-                    "INSERT INTO occurrences(case_id, run_id, count) VALUES (?,?,?) "
-                    "ON CONFLICT(case_id, run_id) DO UPDATE SET count = count + excluded.count",
-                    (cid, run_id, n))
-            self.db.executemany(
-                "INSERT INTO samples(case_id, run_id, module, phase, call_index, inputs, outputs, rng)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                [(ids[s.signature], run_id, s.provenance.module, s.provenance.phase, s.provenance.index,
-                  json.dumps(s.inputs), json.dumps(s.outputs), s.rng) for s in samples])
-            self.db.execute("UPDATE runs SET calls=? WHERE id=?", (calls, run_id))
+                x("INSERT OR IGNORE INTO blobs(hash, shard, dtype, shape, nbytes) SELECT json_extract(value, '$[0]'),"
+                  " ?, json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]')"
+                  " FROM json_each(?)", (shard, batch.blobs_json))
+            if batch.cases_json is not None:
+                x("INSERT OR IGNORE INTO cases(signature, op, spec, metas, replayable, reason, random)"
+                  " SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),"
+                  " json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),"
+                  " json_extract(value, '$[6]') FROM json_each(?)", (batch.cases_json,))
+            n = x("INSERT INTO occurrences(case_id, run_id, count) SELECT c.id, ?, json_extract(j.value, '$[1]')"
+                  " FROM json_each(?) j JOIN cases c ON c.signature = json_extract(j.value, '$[0]') WHERE true"
+                  " ON CONFLICT(case_id, run_id) DO UPDATE SET count = count + excluded.count",
+                  (run_id, batch.counts_json)).rowcount
+            m = x("INSERT INTO samples(case_id, run_id, module, phase, call_index, inputs, outputs, rng)"
+                  " SELECT c.id, ?, json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),"
+                  " json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]'),"
+                  " json_extract(j.value, '$[6]') FROM json_each(?) j"
+                  " JOIN cases c ON c.signature = json_extract(j.value, '$[0]') ORDER BY j.key",
+                  (run_id, batch.samples_json)).rowcount
+            if (n, m) != (batch.n_counts, batch.n_samples):  # rolls the transaction back
+                raise TapmlError(f"{self.path}: cases vanished from the store while carving into it; carve again")
+            x("UPDATE runs SET calls=? WHERE id=?", (calls, run_id))
 
-    def _write_shard(self, blobs: dict[str, torch.Tensor]) -> str:
+    def _write_shard(self, batch: Batch, verify: Callable[[], None] | None = None) -> str:
         name = f"{uuid.uuid4().hex}.safetensors"
         final = self.path / "blobs" / name
         tmp = final.with_suffix(".tmp")
-        payload = {h: (t.reshape(-1).view(torch.uint8) if t.dtype in _RAW_DTYPES else t)
-                   for h, t in blobs.items()}
-        # save_file writes from Rust without holding the GIL, so the recording thread keeps running.
-        safetensors.torch.save_file(payload, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            # Straight from the tensors' memory, without the GIL (the Recorder passes views of live tensors,
+            # several of which may share one storage: safetensors' save_file would refuse those).
+            safetensors.serialize_file(batch.specs, str(tmp))
+            if verify is not None:
+                verify()
+            _fsync(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        _fsync(final.parent)
         return name
 
     def discard_run(self, run_id: int) -> None:

@@ -88,3 +88,39 @@ class SharedTransposedWeight(torch.nn.Module):
 def make_shared_transposed():
     torch.manual_seed(0)
     return SharedTransposedWeight(), (torch.randn(3, 4),)
+
+
+class LateWrites(torch.nn.Module):
+    """Large tensors (recorded by reference, not copied) written in place after they were recorded: by an op on
+    an input, through a parameter's .data, and into an op's output. The recording must keep the values the
+    recorded calls saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(256, 256))
+
+    def forward(self, x):
+        a = x @ self.w
+        x.mul_(0.0)
+        self.w.data.add_(1.0)
+        b = torch.tanh(a)
+        a.zero_()
+        return b + x.sum() + self.w.sum()
+
+
+def make_late_writes():
+    torch.manual_seed(0)
+    return LateWrites(), (torch.randn(256, 256),)
+
+
+class NumpyWrite(torch.nn.Module):
+    """Overwrites a recorded output through numpy, which no PyTorch op sees."""
+
+    def forward(self, x):
+        y = torch.tanh(x)
+        y.detach().numpy()[:] = 0.0
+        return y + 1
+
+
+def make_numpy_write():
+    return NumpyWrite(), (torch.ones(256, 256),)

@@ -2,6 +2,8 @@
 // which sits directly below Python, so it sees exactly the calls a Python TorchDispatchMode sees. Each call is
 // counted in C++; a call whose exact key (op, tensor dtypes/shapes/strides/offsets, scalar values) is already
 // known to need no sample is simply redispatched. Others call the Recorder's Python hooks.
+// The Recorder keeps references (not copies) to the tensors it records until they are written to disk; it
+// watches their storages here, and an op about to write into a watched storage first calls `on_write`.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -14,6 +16,7 @@
 #include <cstring>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <string>
 #include <vector>
 
@@ -46,7 +49,8 @@ struct State {
   std::vector<Slot> slots;
   bool trace = false;
   std::vector<const c10::OperatorHandle*> traced;
-  py::object before, after;
+  py::object before, after, on_write;
+  std::unordered_set<int64_t> watched;  // storage data pointers with recorded, not yet copied, contents
 };
 
 State* g_state = nullptr;
@@ -117,6 +121,7 @@ bool add_ivalue(Key& k, const c10::IValue& v) {
 
 void slow_path(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack, int64_t index,
                int64_t slot, bool is_new);
+void guard_writes(const c10::OperatorHandle& op, torch::jit::Stack* stack);
 
 // Keeps the pushed pass-through mode's Python key off: some calls (a mode push/pop in Python code, kernels
 // that snapshot TLS) switch it back on, which would send every later op through Python again.
@@ -172,6 +177,7 @@ void fallback(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit:
       count_only = s.count_only;
     }
   }
+  if (!st->watched.empty() && op.schema().is_mutable()) guard_writes(op, stack);
   if (count_only) {
     redispatch(op, ks, stack);
     return;
@@ -235,6 +241,49 @@ std::pair<py::tuple, py::dict> to_py_args(const c10::OperatorHandle& op, const t
 const c10::DispatchKeySet kPythonSide = c10::DispatchKeySet(c10::DispatchKey::Fake) |
     c10::DispatchKeySet(c10::DispatchKey::Python) | c10::DispatchKeySet(c10::DispatchKey::PythonTLSSnapshot);
 
+inline int64_t storage_key(const at::Tensor& t) {
+  if (!t.defined() || !t.has_storage()) return 0;
+  return reinterpret_cast<int64_t>(t.storage().unsafeGetStorageImpl()->data_ptr().get());
+}
+
+// Before an op writes into storage the Recorder still references: let it copy what it holds (on_write(ptr)).
+void guard_writes(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  State* st = g_state;
+  const auto& sargs = op.schema().arguments();
+  const size_t n = sargs.size();
+  const size_t base = stack->size() - n;
+  std::vector<int64_t> hits;
+  {
+    std::lock_guard<std::mutex> lock(st->mu);
+    auto check = [&](const at::Tensor& t) {
+      const int64_t p = storage_key(t);
+      if (p != 0 && st->watched.erase(p) > 0) hits.push_back(p);
+    };
+    for (size_t i = 0; i < n; ++i) {
+      const auto* alias = sargs[i].alias_info();
+      if (alias == nullptr || !alias->isWrite()) continue;
+      const auto& v = (*stack)[base + i];
+      if (v.isTensor()) {
+        check(v.toTensor());
+      } else if (v.isList()) {
+        for (const auto& x : v.toListRef()) {
+          if (x.isTensor()) check(x.toTensor());
+        }
+      }
+    }
+  }
+  if (hits.empty()) return;
+  py::gil_scoped_acquire gil;
+  c10::impl::ExcludeDispatchKeyGuard guard(kPythonSide);
+  try {
+    for (int64_t p : hits) st->on_write(p);
+  } catch (...) {
+    python_key_off();
+    throw;
+  }
+  python_key_off();
+}
+
 void slow_path(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack, int64_t index,
                int64_t slot, bool is_new) {
   State* st = g_state;
@@ -293,12 +342,13 @@ void slow_path(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit
   }
 }
 
-void enable(py::object before, py::object after) {
+void enable(py::object before, py::object after, py::object on_write) {
   TORCH_CHECK(g_state == nullptr || !g_state->active, "tapml native recorder already active");
   delete g_state;
   g_state = new State();
   g_state->before = std::move(before);
   g_state->after = std::move(after);
+  g_state->on_write = std::move(on_write);
   g_state->active = true;
   c10::impl::tls_set_dispatch_key_included(c10::DispatchKey::Fake, true);
   // The caller has pushed a (pass-through) TorchDispatchMode, so that composite kernels that ask whether a
@@ -314,7 +364,22 @@ void disable() {
     g_state->active = false;
     g_state->before = py::object();
     g_state->after = py::object();
+    g_state->on_write = py::object();
+    g_state->watched.clear();
   }
+}
+
+// Storages (by data pointer) whose next write must first call on_write.
+void watch(int64_t ptr) {
+  if (!g_state || ptr == 0) return;
+  std::lock_guard<std::mutex> lock(g_state->mu);
+  g_state->watched.insert(ptr);
+}
+
+void unwatch(int64_t ptr) {
+  if (!g_state) return;
+  std::lock_guard<std::mutex> lock(g_state->mu);
+  g_state->watched.erase(ptr);
 }
 
 void set_trace(bool on) {
@@ -368,6 +433,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("enable", &enable);
   m.def("disable", &disable);
   m.def("calls", &calls);
+  m.def("watch", &watch);
+  m.def("unwatch", &unwatch);
   m.def("set_trace", &set_trace);
   m.def("take_trace", &take_trace);
   m.def("take_counts", &take_counts);
