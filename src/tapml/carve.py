@@ -270,7 +270,7 @@ class Recorder(TorchDispatchMode):
         if entry[5]:
             gen = kwargs.get("generator")
             state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
-            rng = self._put(state.clone(), owned=True)
+            rng = self._put(state.clone())
         # A mutating op's inputs are copied now: it is about to overwrite them.
         inputs = ([self._capture(t, whole, m, copy=True) for t, m in zip(tensors, entry[2])]
                   if mutated_args(func) else None)
@@ -313,18 +313,20 @@ class Recorder(TorchDispatchMode):
 
     def _capture(self, t: torch.Tensor, whole: bool, meta: dict, copy: bool = False) -> list:
         """[hash, meta] of `t` (`meta`: its tensor_meta); its values join the pending blobs (by reference unless
-        `copy`) when new."""
+        `copy`) when new. (Runs for every tensor of every sample: kept lean.)"""
+        ptr = t.untyped_storage().data_ptr()
         if whole:
             n = t.untyped_storage().nbytes() // t.element_size()
             meta = {**meta, "stride": list(t.stride()), "offset": t.storage_offset(), "storage": n}
-            values = torch.as_strided(t.detach(), (n,), (1,), 0)
+            values, shared = torch.as_strided(t.detach(), (n,), (1,), 0), True
+        elif t.is_contiguous():
+            values, shared = t.detach(), True
         else:
             values, span = compact(t)
             if span:
                 meta = {**meta, "span": True}
-        ptr = t.untyped_storage().data_ptr()
-        shared = ptr != 0 and values.untyped_storage().data_ptr() == ptr
-        if shared and copy:
+            shared = values.untyped_storage().data_ptr() == ptr
+        if ptr == 0 or (shared and copy):
             values, shared = values.clone(), False
         key = None
         if shared and ptr in self._param_ptrs:
@@ -335,26 +337,25 @@ class Recorder(TorchDispatchMode):
             h = self._param_hash.get(key)
             if h is not None:
                 return [h, meta]
-        h = self._put(values, owned=not shared)
-        if key is not None:
-            self._param_hash[key] = h
-        return [h, meta]
-
-    def _put(self, values: torch.Tensor, owned: bool = False) -> str:
-        """Content-address `values` and keep them when new: `owned` (a private copy) as they are, a view of a
-        live tensor by reference, its storage watched until the writer has it on disk."""
-        values = values.detach()
-        if not values.is_contiguous():
-            values, owned = values.contiguous(), True
         h = content_hash(values)
         if h not in self._known and h not in self._pending_blobs:
-            if not owned:
-                ptr = values.untyped_storage().data_ptr()
-                if ptr == 0 or values.numel() * values.element_size() < _REF_BYTES:
+            nbytes = values.numel() * values.element_size()
+            if shared:
+                if nbytes < _REF_BYTES:
                     values = values.clone()
                 else:
                     self._refs.setdefault(ptr, []).append(h)
                     self._watch(ptr)
+            self._pending_blobs[h] = values
+            self._pending_bytes += nbytes
+        if key is not None:
+            self._param_hash[key] = h
+        return [h, meta]
+
+    def _put(self, values: torch.Tensor) -> str:
+        """Content-address a private copy and keep it when new (the RNG state)."""
+        h = content_hash(values)
+        if h not in self._known and h not in self._pending_blobs:
             self._pending_blobs[h] = values
             self._pending_bytes += values.numel() * values.element_size()
         return h
