@@ -83,3 +83,26 @@ def test_content_hash_is_content_addressed():
 
 def test_resolve_op_names_overloads():
     assert resolve_op("aten.mm.default") is torch.ops.aten.mm.default
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(op=st.text(max_size=12), spec=_json_values, metas=st.lists(_json_values, max_size=3))
+def test_signature_is_the_hash_of_canonical_json(op, spec, metas):
+    """Signatures stay what stores already hold: blake2b of `[op, spec, metas]` as compact key-sorted JSON, and
+    the case's spec/metas columns are exactly the two inner parts."""
+    import hashlib
+    import json
+
+    from tapml.ops import signature_parts
+
+    sig, spec_json, metas_json = signature_parts(op, spec, metas)
+    canonical = json.dumps([op, spec, metas], separators=(",", ":"), sort_keys=True)
+    assert sig == hashlib.blake2b(canonical.encode(), digest_size=12).hexdigest()
+    assert spec_json == json.dumps(spec, separators=(",", ":"), sort_keys=True)
+    assert metas_json == json.dumps(metas, separators=(",", ":"), sort_keys=True)
