@@ -6,7 +6,7 @@ Carving is timed both ways, side by side: with the native (C++) dispatcher hook,
 Python TorchDispatchMode it falls back to (TAPML_CARVE_NATIVE=0).
 Each ratio is the median over repeats of (variant time / the eager time measured next to it), so drift in the
 machine's load between repeats cancels. Usage: python benchmarks/carve_overhead.py [--model llama] [--tokens 32]
-[--repeat 8]
+[--repeat 10]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--repeat", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--samples", type=int, default=1)
     a = ap.parse_args()
 
