@@ -290,3 +290,31 @@ def test_without_the_native_hook_carving_warns_once_and_uses_the_python_mode(tmp
     assert r.calls == 9
     err = capsys.readouterr().err
     assert err.count("native carving hook unavailable (no compiler)") == 1
+
+
+def test_the_heap_before_the_run_is_frozen_out_of_gc_only_while_recording(tmp_path):
+    """Full collections over the model's heap stalled carves; the pre-run heap is frozen during the run, then
+    unfrozen, and a process that froze objects itself is left as it was."""
+    import gc
+
+    from tapml.carve import Workload
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(gc.get_freeze_count())
+            return x + 1
+
+    model = Probe()
+    work = Workload(model, lambda: model(torch.ones(3)), False, "probe")
+    assert gc.get_freeze_count() == 0
+    carve("probe", tmp_path / "a", workload=work, progress=False)
+    assert seen[-1] > 1000 and gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        mine = gc.get_freeze_count()
+        carve("probe", tmp_path / "b", workload=work, progress=False)
+        assert seen[-1] == mine and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
