@@ -161,7 +161,7 @@ class Recorder(TorchDispatchMode):
         out = super().__enter__()
         if self._native is not None:
             self._native.enable(self._native_before, self._native_after, self._on_write)
-        for ptr in self._param_ptrs:  # a write through .data changes no version: the hash cache must hear of it
+        for ptr in self._param_ptrs:  # the hash cache has no version in its key: it must hear of every write
             self._watch(ptr)
         return out
 

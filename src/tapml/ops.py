@@ -299,14 +299,14 @@ def _canonical_encoder() -> Callable[[Any], str]:
     return lambda o: "".join(c_enc(o, 0))
 
 
-_canonical = _canonical_encoder()
+canonical_json = _canonical_encoder()
 
 
 def signature_parts(op: str, spec: Any, metas: list[dict]) -> tuple[str, str, str]:
     """(signature, spec JSON, metas JSON): the signature hashes `[op, spec, metas]` as canonical JSON, whose
     two parts are what the store keeps for the case."""
-    spec_json = _canonical(spec)
-    metas_json = _canonical(metas)
+    spec_json = canonical_json(spec)
+    metas_json = canonical_json(metas)
     text = f"[{json.dumps(op)},{spec_json},{metas_json}]"
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest(), spec_json, metas_json
 

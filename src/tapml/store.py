@@ -22,7 +22,7 @@ import safetensors
 import torch
 
 from tapml.errors import TapmlError
-from tapml.ops import OpCall, Provenance, decode_args, decode_value, rebuild
+from tapml.ops import OpCall, Provenance, canonical_json, decode_args, decode_value, rebuild
 
 FORMAT = "tapml-casestore"
 VERSION = 1
@@ -136,12 +136,13 @@ class Batch:
     def encode(cls, blobs: dict[str, torch.Tensor], samples: list[PendingSample],
                counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]]) -> Batch:
         """From captured samples and `counts` (signature -> (op, spec, metas, replayable, reason, random, n))."""
-        cases = {sig: [sig, op, json.dumps(spec), json.dumps(metas), replayable, reason, random]
+        enc = canonical_json  # as the Recorder stores them (the halves of the signature's text)
+        cases = {sig: [sig, op, enc(spec), enc(metas), replayable, reason, random]
                  for sig, (op, spec, metas, replayable, reason, random, _) in counts.items()}
         for x in samples:
             if x.signature not in cases:
-                cases[x.signature] = [x.signature, x.op, json.dumps(x.spec), json.dumps(x.metas), x.replayable,
-                                      x.reason, x.random]
+                cases[x.signature] = [x.signature, x.op, enc(x.spec), enc(x.metas), x.replayable, x.reason,
+                                      x.random]
         rows = [[x.signature, x.provenance.module, x.provenance.phase, x.provenance.index, x.inputs, x.outputs,
                  x.rng] for x in samples]
         return cls(blobs, list(cases.values()), [[sig, v[6]] for sig, v in counts.items()], rows)
@@ -249,14 +250,13 @@ class CaseStore:
         return dict(rows.fetchall())
 
     def commit(self, run_id: int, blobs: dict[str, torch.Tensor], samples: list[PendingSample],
-               counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]], calls: int,
-               verify: Callable[[], None] | None = None) -> None:
+               counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]], calls: int) -> None:
         """Write new blobs to one shard (durably), then commit rows for samples and occurrence counts.
 
         `counts` maps signature -> (op, spec, metas, replayable, reason, random, n) for calls seen since the
         last commit, so cases that ran but were not sampled are still counted. See `commit_batch`.
         """
-        self.commit_batch(run_id, Batch.encode(blobs, samples, counts), calls, verify)
+        self.commit_batch(run_id, Batch.encode(blobs, samples, counts), calls)
 
     def commit_batch(self, run_id: int, batch: Batch, calls: int, verify: Callable[[], None] | None = None) -> None:
         """Write the batch's blobs to one shard (durably), then commit its rows in one transaction.

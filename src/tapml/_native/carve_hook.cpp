@@ -50,7 +50,7 @@ struct State {
   bool trace = false;
   std::vector<const c10::OperatorHandle*> traced;
   py::object before, after, on_write;
-  std::unordered_set<int64_t> watched;  // storage data pointers with recorded, not yet copied, contents
+  std::unordered_set<int64_t> watched;  // storage data pointers the Recorder references or caches hashes of
 };
 
 State* g_state = nullptr;
