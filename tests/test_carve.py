@@ -318,3 +318,76 @@ def test_the_heap_before_the_run_is_frozen_out_of_gc_only_while_recording(tmp_pa
         assert seen[-1] == mine and gc.get_freeze_count() == mine
     finally:
         gc.unfreeze()
+
+
+def _snapshot(path):
+    """What a store holds, for before/after comparisons: runs, counts, and its files."""
+    with CaseStore.open(path) as st:
+        runs = [(r["id"], r["model"], r["status"], r["calls"]) for r in st.runs()]
+        stats = {k: v for k, v in st.stats().items() if k != "disk_bytes"}
+    return runs, stats, sorted(p.name for p in (path / "blobs").iterdir())
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_timeout_stops_the_run_and_discards_it(tmp_path, monkeypatch, native, tiny):
+    """An endless model is stopped at the limit (with commits landing meanwhile: flush 1); the run is discarded as
+    any failed one: a store the carve created is gone, an existing store is left as it was."""
+    if native == "1":
+        _native_or_skip()
+    monkeypatch.setenv("TAPML_CARVE_NATIVE", native)
+    monkeypatch.setenv("TAPML_CARVE_FLUSH", "1")
+    handler = signal.getsignal(signal.SIGALRM)
+    t = time.monotonic()
+    with pytest.raises(TapmlError, match=r"exceeded its time limit of 0.5 s") as e:
+        carve(model_ref("make_endless"), tmp_path / "new", progress=False, timeout=0.5)
+    assert time.monotonic() - t < 20 and "\n" not in str(e.value)
+    assert not (tmp_path / "new").exists()
+    carve(tiny, tmp_path / "s", progress=False)
+    before = _snapshot(tmp_path / "s")
+    with pytest.raises(TapmlError, match="exceeded its time limit"):
+        carve(model_ref("make_endless"), tmp_path / "s", progress=False, timeout=0.5)
+    assert _snapshot(tmp_path / "s") == before
+    assert signal.getsignal(signal.SIGALRM) is handler and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    r = carve(tiny, tmp_path / "s", progress=False, timeout=60)  # a run within its limit is kept
+    assert r.calls == 9 and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_bad_timeouts_and_a_timeout_off_the_main_thread_are_refused(tmp_path, tiny):
+    import threading
+
+    for bad in (0, -1, float("nan"), float("inf"), "5", True):
+        with pytest.raises(TapmlError, match="--timeout must be a finite number of seconds > 0"):
+            carve(tiny, tmp_path / "s", progress=False, timeout=bad)
+    errors = []
+
+    def off_main():
+        try:
+            carve(tiny, tmp_path / "s", progress=False, timeout=5)
+        except TapmlError as e:
+            errors.append(str(e))
+
+    th = threading.Thread(target=off_main)
+    th.start()
+    th.join()
+    assert len(errors) == 1 and "main thread" in errors[0]
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("var", "value", "says"), [
+    ("TAPML_CARVE_FLUSH", "0", "a positive integer"), ("TAPML_CARVE_FLUSH", "-3", "a positive integer"),
+    ("TAPML_CARVE_FLUSH", "many", "a positive integer"), ("TAPML_CARVE_FLUSH", "1.5", "a positive integer"),
+    ("TAPML_CARVE_NATIVE", "yes", "0, 1, true, false or auto"),
+    ("TAPML_CARVE_NATIVE", "2", "0, 1, true, false or auto")])
+def test_bad_environment_values_are_one_line_errors(tmp_path, monkeypatch, tiny, var, value, says):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(TapmlError, match=f"{var} must be {says}.*got '{value}'") as e:
+        carve(tiny, tmp_path / "s", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_accepted_environment_spellings(tmp_path, monkeypatch, tiny):
+    monkeypatch.setenv("TAPML_CARVE_FLUSH", " 2 ")
+    for i, value in enumerate(("auto", "FALSE", "", " 0 ")):
+        monkeypatch.setenv("TAPML_CARVE_NATIVE", value)
+        assert carve(tiny, tmp_path / f"s{i}", progress=False).calls == 9

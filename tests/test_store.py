@@ -63,3 +63,11 @@ def test_failed_run_is_discarded_from_an_existing_store(tmp_path, tiny):
         after = st.stats()
         assert len(st.runs()) == 1
     assert {k: after[k] for k in ("cases", "samples", "calls")} == {k: before[k] for k in ("cases", "samples", "calls")}
+
+
+def test_a_name_too_long_is_a_one_line_error_not_an_oserror(tmp_path):
+    long = tmp_path / ("x" * 300)
+    with pytest.raises(TapmlError, match="File name too long"):
+        CaseStore.open(long)
+    with pytest.raises(TapmlError, match="File name too long.*choose another --out"):
+        CaseStore.create(long)

@@ -1,7 +1,8 @@
 """Carving: run a real model under the Recorder (a TorchDispatchMode) and write every ATen call to a CaseStore.
 
-It decides what a case keeps (inputs before mutation, outputs, provenance, RNG state) and when to sample; the
-on-disk layout belongs to `store.py`, and model construction to `tapml.zoo` / `load_workload`.
+It decides what a case keeps (inputs before mutation, outputs, provenance, RNG state) and when to sample, and
+bounds the run (`timeout`); the on-disk layout, the store's lock and what a failed run takes back belong to
+`store.py`, and model construction to `tapml.zoo` / `load_workload`. It must not touch store files itself.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ import contextlib
 import functools
 import gc
 import importlib.util
+import math
 import os
 import queue
-import shutil
+import signal
 import sys
 import threading
 import time
@@ -469,8 +471,7 @@ def _native_hook(native: bool | None):
     """The native carving hook module, or None for the Python dispatch mode (warned once when unavailable)."""
     global _warned
     if native is None:
-        env = os.environ.get("TAPML_CARVE_NATIVE", "auto").strip().lower()
-        native = {"0": False, "1": True, "false": False, "true": True}.get(env)
+        native = _env_native()
     if native is False:
         return None
     from tapml import _native
@@ -485,6 +486,29 @@ def _native_hook(native: bool | None):
             print(f"tapml: native carving hook unavailable ({e}); using the slower Python dispatch mode",
                   file=sys.stderr)
         return None
+
+
+def _env_native() -> bool | None:
+    """TAPML_CARVE_NATIVE: 1/true requires the native hook, 0/false the Python mode, auto (or unset) either."""
+    raw = os.environ.get("TAPML_CARVE_NATIVE", "")
+    choice = {"0": False, "false": False, "1": True, "true": True, "auto": None, "": None}
+    if raw.strip().lower() not in choice:
+        raise TapmlError(f"TAPML_CARVE_NATIVE must be 0, 1, true, false or auto (or unset); got {raw!r}")
+    return choice[raw.strip().lower()]
+
+
+def _env_flush() -> int:
+    """TAPML_CARVE_FLUSH: samples per commit (tests lower it); a positive integer, the default when unset."""
+    raw = os.environ.get("TAPML_CARVE_FLUSH", "")
+    if not raw.strip():
+        return _FLUSH_SAMPLES
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise TapmlError(f"TAPML_CARVE_FLUSH must be a positive integer (samples per commit); got {raw!r}")
+    return n
 
 
 def _key(args, _T=_Tensor) -> tuple:
@@ -539,30 +563,35 @@ class CarveResult:
 
 def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tokens: int = 8,
           samples: int = 1, progress: bool = True, workload: Workload | None = None,
-          naive_bytes: bool = False) -> CarveResult:
-    """Carve MODEL into the store at `out`. On any failure the store is left as it was before the call."""
+          naive_bytes: bool = False, timeout: float | None = None) -> CarveResult:
+    """Carve MODEL into the store at `out`; a carve into a store another carve is writing is refused.
+
+    `timeout`: seconds the model run may take. It is a SIGALRM, so a carve with one must run in the main thread,
+    and it stops the run at its next Python step (one long op in C++ finishes first). On any failure, the time
+    limit included, the run is discarded and the store is left as it was before the call (one the call created
+    is removed).
+    """
     if samples < 1:
         raise TapmlError(f"--samples must be ≥ 1 (got {samples})")
     if max_new_tokens < 1:
         raise TapmlError(f"--max-new-tokens must be ≥ 1 (got {max_new_tokens})")
+    _check_timeout(timeout)
+    flush, native = _env_flush(), _env_native()  # bad values fail before anything is written
     if workload is None:
         name, workload = load_workload(model, prompt, max_new_tokens)
     else:
         name = model
     out = Path(out)
-    fresh = not (out / "cases.sqlite").exists()
-    if fresh and out.exists() and not out.is_dir():
-        raise TapmlError(f"{out} exists and is not a directory; choose another --out")
-    created_dir = not out.exists()
     store = CaseStore.create(out)
-    before = {c.signature for c in store.cases()}
-    options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
-    run_id = store.begin_run(name, workload.description, options)
-    params = list(workload.model.parameters()) + list(workload.model.buffers())
-    flush = int(os.environ.get("TAPML_CARVE_FLUSH", _FLUSH_SAMPLES))  # samples per commit (tests lower it)
-    rec = Recorder(store, run_id, samples, params, naive_bytes=naive_bytes, flush_samples=max(flush, 1))
-    start = time.perf_counter()
+    run_id = rec = None
+    limit = _TimeLimit(timeout)
     try:
+        before = {c.signature for c in store.cases()}
+        options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
+        run_id = store.begin_run(name, workload.description, options)
+        params = list(workload.model.parameters()) + list(workload.model.buffers())
+        rec = Recorder(store, run_id, samples, params, naive_bytes=naive_bytes, flush_samples=flush, native=native)
+        start = time.perf_counter()
         with ExitStack() as stack:
             steps = max_new_tokens if workload.generates else None
             bar = stack.enter_context(_progress(progress, name, steps))
@@ -570,17 +599,19 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
             stack.enter_context(_frozen_heap())
             stack.enter_context(torch.no_grad())
             stack.enter_context(rec)
-            workload.run()
+            with limit:  # innermost: the limit covers the model run, not the final commit
+                workload.run()
         rec.flush()
         rec.close()
         store.finish_run(run_id, rec.calls)
     except BaseException as e:
-        with contextlib.suppress(BaseException):  # the run is being discarded anyway
-            rec.close()
-        store.discard_run(run_id)
-        store.close()
-        if fresh:
-            CaseStore.remove(out) if created_dir else _clear_new_store(out)
+        if rec is not None:
+            with contextlib.suppress(BaseException):  # the run is being discarded anyway
+                rec.close()
+        store.abandon(run_id)
+        if limit.expired:  # whatever the expiry surfaced as on its way out of the model
+            raise TapmlError(f"the carve of {name} exceeded its time limit of {timeout:g} s and was stopped; its "
+                             "run was discarded (raise --timeout or carve a smaller workload)") from None
         if isinstance(e, (TapmlError, KeyboardInterrupt)):
             raise
         raise TapmlError(f"model {name} raised {type(e).__name__} while running: {e}") from None
@@ -590,6 +621,53 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
     store.close()
     return CarveResult(str(out), run_id, name, workload.description, rec.calls, len(seen),
                        len(seen - before), stats["samples"], seconds, stats, rec.naive_bytes)
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise TapmlError(f"--timeout must be a finite number of seconds > 0 (got {timeout!r})")
+    if threading.current_thread() is not threading.main_thread():
+        raise TapmlError("a carve with a time limit (--timeout) must run in the main thread: the limit is a "
+                         "SIGALRM, which Python handles there only")
+
+
+class _Expired(BaseException):
+    """The time limit is up (a BaseException, as KeyboardInterrupt: a model's `except Exception` must not eat it)."""
+
+
+class _TimeLimit:
+    """SIGALRM after `seconds` raises _Expired in the main thread, wherever the run is in Python code; a timer of
+    another part of the process that was armed is given back what is left of it."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds, self.armed, self.expired = seconds, False, False
+
+    def _fire(self, signum: int, frame: Any) -> None:
+        if self.armed:  # a signal delivered just as the limit was lifted is ignored
+            self.expired = True
+            raise _Expired
+
+    def __enter__(self) -> None:
+        if self.seconds is None:
+            return
+        self.old_handler = signal.signal(signal.SIGALRM, self._fire)
+        self.armed, self.started = True, time.monotonic()
+        self.old_timer = signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 1e-6))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.seconds is None:
+            return
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.old_handler)
+        delay, interval = self.old_timer
+        if delay > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - self.started), 1e-6), interval)
+        if self.expired and exc[0] is None:  # the model caught the expiry and went on: it still ran too long
+            raise _Expired
 
 
 @contextlib.contextmanager
@@ -606,12 +684,6 @@ def _frozen_heap():
         yield
     finally:
         gc.unfreeze()
-
-
-def _clear_new_store(out: Path) -> None:
-    for name in ("cases.sqlite", "cases.sqlite-wal", "cases.sqlite-shm"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "blobs", ignore_errors=True)
 
 
 def attach_provenance(stack: ExitStack, workload: Workload, rec: Recorder, bar: Any) -> None:

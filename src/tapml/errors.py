@@ -10,3 +10,8 @@ class TapmlError(Exception):
 
 class UnknownOp(TapmlError):
     """An op name that is not an overload of this torch (e.g. a TVM kernel case offered to an ATen backend)."""
+
+
+class StoreCorrupt(TapmlError):
+    """A case store whose files no longer hold what was written (a damaged shard or SQLite page): the store's
+    fault, never the backend's; carving it again is the fix."""

@@ -1,7 +1,8 @@
 """Replay carved cases on a backend and judge each against the reference: the API behind `tapml test`.
 
 Every case ends as pass, fail, unsupported (with the backend's reason) or error (the backend raised); nothing
-that did not run is ever reported as passed. Rendering the results belongs to `tapml.report`.
+that did not run is ever reported as passed. A damaged store (StoreCorrupt, or any TapmlError of the store) ends
+the whole run instead: it must never be charged to the backend. Rendering the results belongs to `tapml.report`.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def run_case(store: CaseStore, backend: Backend, oracle: Backend, case: Case) ->
         res.status, res.reason = "unsupported", f"not replayable: {case.reason}"
         return res
     for sample in store.samples(case.id):
+        # Loaded here, outside check_sample's handler of the backend's exceptions: a blob failing its hash check
+        # raises StoreCorrupt out of run_tests rather than becoming this case's `error` or `fail`.
         call = store.load_call(case, sample)
         status, verdict, reason = check_sample(backend, oracle, case, call)
         res.samples += 1

@@ -1,14 +1,20 @@
 """CaseStore: a directory of carved op cases — `cases.sqlite` (runs, cases, samples, blobs) + safetensors shards.
 
 Crash safety: a shard is written to a temp file, fsynced and renamed before the transaction that points at it
-commits, so every committed row can be read after a SIGKILL. Nothing outside this module knows the layout.
+commits, so every committed row can be read after a SIGKILL; `cases.sqlite` itself is built under a temp name and
+renamed into place, so a half-made store never shows. One writer at a time: `create` takes a non-blocking flock
+on `carve.lock` and refuses a second writer. A failed run takes back only its own rows and shards. Readers
+(`open`) get a connection that cannot write (read-only media included). Every blob is checked against its content
+hash when loaded. Nothing outside this module knows the layout; it must not delete what another carve wrote.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
 import os
-import shutil
 import sqlite3
 import time
 import uuid
@@ -17,15 +23,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import quote
 
 import safetensors
 import torch
 
-from tapml.errors import TapmlError
-from tapml.ops import OpCall, Provenance, canonical_json, decode_args, decode_value, rebuild
+from tapml.errors import StoreCorrupt, TapmlError
+from tapml.ops import OpCall, Provenance, canonical_json, content_hash, decode_args, decode_value, rebuild
 
 FORMAT = "tapml-casestore"
 VERSION = 1
+_DB = "cases.sqlite"
+_LOCK = "carve.lock"  # flock'ed by the one writer; stays in the store
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -157,69 +166,240 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-class CaseStore:
-    """Verbs: `begin_run`, `commit`, `finish_run`, `discard_run`, `cases`, `samples`, `load_call`, `runs`, `stats`."""
+def _side_file(name: str) -> bool:
+    """SQLite's -wal/-shm of cases.sqlite, or a temp database of a creation (and its side files)."""
+    return name in (f"{_DB}-wal", f"{_DB}-shm") or (name.startswith(f"{_DB}.") and ".tmp" in name)
 
-    def __init__(self, path: Path, db: sqlite3.Connection):
+
+def _leftover(p: Path) -> bool:
+    """`p` holds at most what an unfinished creation (or the removal of a failed carve's store) leaves: the lock
+    file, side files, a blobs/ folder of shards and temp shards. No complete store."""
+    return all(e.name == _LOCK or _side_file(e.name) or (e.name == "blobs" and e.is_dir() and all(
+        f.suffix in (".safetensors", ".tmp") for f in e.iterdir())) for e in p.iterdir())
+
+
+def _lock(p: Path) -> int:
+    """Take the store's writer lock without waiting; its file descriptor (closing it releases the lock)."""
+    path = p / _LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise TapmlError(f"cannot write to {p} ({e.strerror}); choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TapmlError(f"{p} is being written by another carve (it holds {path}); wait for it to finish "
+                             "or choose another --out") from None
+        except OSError as e:
+            os.close(fd)
+            raise TapmlError(f"cannot lock {path} ({e.strerror}); choose another --out") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        os.close(fd)  # a failed carve removed the file after we opened it: lock the one there now
+
+
+def _create_db(p: Path) -> None:
+    """Build cases.sqlite (schema, meta rows, WAL mode) under a temp name and rename it into place: a SIGKILL at
+    any point leaves either no cases.sqlite or a complete one. Called with the lock held."""
+    for f in p.iterdir():  # dead writers' files: an earlier creation's temp database, a removed store's -wal/-shm
+        if _side_file(f.name):
+            f.unlink(missing_ok=True)  # (a stale -wal would be replayed into the new database)
+    tmp = p / f"{_DB}.{uuid.uuid4().hex}.tmp"
+    try:
+        db = sqlite3.connect(tmp)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")  # kept in the file's header
+            db.executescript(f"BEGIN;{_SCHEMA}INSERT INTO meta VALUES ('format', '{FORMAT}'),"
+                             f" ('version', '{VERSION}');COMMIT;")
+        finally:
+            db.close()  # the only connection: checkpoints and removes the temp -wal
+        _fsync(tmp)
+        os.replace(tmp, p / _DB)
+        _fsync(p)
+    except (OSError, sqlite3.Error) as e:
+        raise TapmlError(f"cannot create a case store in {p} ({e}); choose another --out") from None
+    finally:
+        for side in ("", "-journal", "-wal", "-shm"):
+            Path(f"{tmp}{side}").unlink(missing_ok=True)
+
+
+def _remove_files(p: Path, lock: int, made_dir: bool) -> None:
+    """Remove a store that its own handle created and that holds nothing else: cases.sqlite first (the store is
+    gone at once; a SIGKILL later leaves only leftovers a new carve accepts), SQLite's side files, the empty
+    blobs/, the lock file (then the lock), and the directory when that handle made it and it is empty."""
+    for name in (_DB, f"{_DB}-wal", f"{_DB}-shm"):
+        (p / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        (p / "blobs").rmdir()
+    (p / _LOCK).unlink(missing_ok=True)
+    os.close(lock)
+    if made_dir:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+def _read_only(p: Path) -> sqlite3.Connection:
+    """A connection that cannot write. `mode=ro` keeps SQLite's locking, so a store can be read while a carve
+    appends to it (SQLite may leave its empty -wal/-shm coordination files); where the directory cannot be written
+    (read-only media, another user's store) SQLite cannot make the -shm file WAL readers need, and the database is
+    opened `immutable` instead: the reader takes no part in locking there, so it must not overlap a carve into the
+    store (one by a user who can write there would be read half-done)."""
+    uri = "file:" + quote(str((p / _DB).absolute()))
+    db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30, check_same_thread=False)
+    try:
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.DatabaseError as e:
+        db.close()
+        if not isinstance(e, sqlite3.OperationalError) or os.access(p, os.W_OK):
+            raise
+    wal = p / f"{_DB}-wal"
+    if wal.exists() and wal.stat().st_size > 0:  # committed rows an immutable open would not see
+        raise TapmlError(f"{p} is read-only and its last commits are still in {wal.name}, which SQLite cannot "
+                         "read there without its -shm file: copy the store somewhere writable and open it once")
+    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, check_same_thread=False)
+
+
+def _sql(method: Callable) -> Callable:
+    """A SQLite failure at any query (a garbled page, a lock timeout) becomes one line naming the store."""
+
+    @functools.wraps(method)
+    def guarded(self: CaseStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.DatabaseError, json.JSONDecodeError) as e:
+            if isinstance(e, (sqlite3.ProgrammingError, sqlite3.IntegrityError)):
+                raise  # our bug, not the file's
+            raise self._db_error(e) from None
+
+    return guarded
+
+
+class CaseStore:
+    """Verbs: `begin_run`, `commit`, `finish_run`, `discard_run`, `abandon`, `cases`, `samples`, `load_call`, `runs`,
+    `stats`. `create` opens for writing (holding the store's lock until `close`), `open` for reading."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, lock: int | None = None, created: bool = False,
+                 made_dir: bool = False):
         self.path = path
         self.db = db
+        self.created = created  # this handle made cases.sqlite (and `made_dir`: the directory too)
+        self._lock, self._made_dir = lock, made_dir
         self._shards: OrderedDict[str, Any] = OrderedDict()
+        self._verified: set[str] = set()  # blobs whose content hash was checked since opening
+        self._written: dict[int, list[str]] = {}  # run -> shards this handle wrote for it
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike) -> CaseStore:
-        """Open the store at `path`, creating it (and the directory) when absent."""
+        """Open the store at `path` for writing, creating it (and the directory) when absent. Takes the store's
+        lock until `close`: a second writer is refused at once with a TapmlError, not queued."""
         p = Path(path)
-        if p.exists() and not p.is_dir():
-            raise TapmlError(f"{p} exists and is not a directory; choose another --out")
-        if p.is_dir() and any(p.iterdir()) and not (p / "cases.sqlite").exists():
-            raise TapmlError(f"{p} is a non-empty directory that is not a TapML case store; choose another --out")
-        (p / "blobs").mkdir(parents=True, exist_ok=True)
-        fresh = not (p / "cases.sqlite").exists()
-        store = cls._connect(p)
-        if fresh:
-            # One transaction (one sync), not one per statement as executescript would run them.
-            store.db.executescript(f"BEGIN;{_SCHEMA}INSERT INTO meta VALUES ('format', '{FORMAT}'),"
-                                   f" ('version', '{VERSION}');COMMIT;")
-        else:
+        try:  # (a name too long, a folder that cannot be read: OSError from the first look)
+            if p.exists() and not p.is_dir():
+                raise TapmlError(f"{p} exists and is not a directory; choose another --out")
+            if p.is_dir() and not (p / _DB).exists() and not _leftover(p):
+                raise TapmlError(f"{p} is a non-empty directory that is not a TapML case store; choose another "
+                                 "--out")
+            made_dir = not p.exists()
+            p.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TapmlError(f"cannot create a case store at {p} ({e.strerror}); choose another --out") from None
+        lock = _lock(p)
+        store = None
+        try:
+            (p / "blobs").mkdir(exist_ok=True)
+            if (p / _DB).exists():
+                store = cls(p, cls._connect(p), lock, False, made_dir)
+            if store is None or store._tableless():  # an older tapml's creation, killed before its schema
+                if store is not None:
+                    store.db.close()
+                _create_db(p)
+                store = cls(p, cls._connect(p), lock, True, made_dir)
             store._check()
-        return store
+            return store
+        except BaseException:
+            if store is not None:
+                store.db.close()
+            if made_dir:  # nothing but what this call made is in it
+                _remove_files(p, lock, True)
+            else:
+                os.close(lock)
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> CaseStore:
+        """Open the store at `path` for reading; nothing done through it writes to the store."""
         p = Path(path)
-        if not p.exists():
-            raise TapmlError(f"no case store at {p}: carve one first with `tapml carve MODEL --out {p}`")
-        if not (p / "cases.sqlite").is_file():
-            raise TapmlError(f"{p} is not a TapML case store (no cases.sqlite); point at a `tapml carve` --out dir")
-        store = cls._connect(p)
-        store._check()
+        try:
+            if not p.exists():
+                raise TapmlError(f"no case store at {p}: carve one first with `tapml carve MODEL --out {p}`")
+            if not (p / _DB).is_file():
+                if p.is_dir() and any(p.iterdir()) and _leftover(p):
+                    raise TapmlError(f"{p} holds no complete case store (a carve into it was interrupted before it "
+                                     f"made one, or is making one now); carve again with --out {p}")
+                raise TapmlError(f"{p} is not a TapML case store (no {_DB}); point at a `tapml carve` --out dir")
+        except OSError as e:
+            raise TapmlError(f"cannot read a case store at {p} ({e.strerror})") from None
+        try:
+            db = _read_only(p)
+        except sqlite3.OperationalError as e:  # cannot open (permissions, locks): says nothing about the file
+            raise TapmlError(f"{p}/{_DB} cannot be read ({e})") from None
+        except sqlite3.DatabaseError as e:
+            raise TapmlError(f"{p}/{_DB} is corrupt or not a TapML store ({e})") from None
+        store = cls(p, db)
+        try:
+            store._check()
+        except BaseException:
+            store.close()
+            raise
         return store
 
     @classmethod
-    def _connect(cls, p: Path) -> CaseStore:
+    def _connect(cls, p: Path) -> sqlite3.Connection:
         try:
-            db = sqlite3.connect(p / "cases.sqlite", timeout=30, check_same_thread=False)
+            db = sqlite3.connect(p / _DB, timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as e:
-            raise TapmlError(f"{p}/cases.sqlite is corrupt or not a TapML store ({e})") from None
-        return cls(p, db)
+            raise TapmlError(f"{p}/{_DB} is corrupt or not a TapML store ({e})") from None
+        return db
+
+    def _tableless(self) -> bool:
+        try:
+            return self.db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+        except sqlite3.DatabaseError:
+            return False  # _check says what is wrong
 
     def _check(self) -> None:
         try:
             rows = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.DatabaseError as e:
-            raise TapmlError(f"{self.path}/cases.sqlite is corrupt or not a TapML store ({e})") from None
+            if self._tableless():
+                raise TapmlError(f"{self.path} holds no complete case store (its creation was interrupted); "
+                                 f"carve again with --out {self.path}") from None
+            raise TapmlError(f"{self.path}/{_DB} is corrupt or not a TapML store ({e})") from None
         if rows.get("format") != FORMAT:
-            raise TapmlError(f"{self.path} is not a TapML case store (foreign cases.sqlite)")
+            raise TapmlError(f"{self.path} is not a TapML case store (foreign {_DB})")
         if int(rows.get("version", 0)) > VERSION:
             raise TapmlError(f"{self.path} was written by a newer tapml (store version {rows['version']}); "
                              "upgrade tapml")
 
+    def _db_error(self, e: Exception) -> TapmlError:
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        if isinstance(e, sqlite3.OperationalError) and e.sqlite_errorname not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+            return TapmlError(f"{self.path}/{_DB}: {msg}")  # busy, locked, I/O: not a verdict on the file
+        return StoreCorrupt(f"{self.path}/{_DB} is damaged ({msg}); carve the store again")
+
     def close(self) -> None:
         self._shards.clear()
         self.db.close()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def __enter__(self) -> Self:
         return self
@@ -228,6 +408,7 @@ class CaseStore:
         self.close()
 
     # --- writing ---------------------------------------------------------------------------------------
+    @_sql
     def begin_run(self, model: str, description: str, options: dict) -> int:
         with self.db:
             cur = self.db.execute(
@@ -235,14 +416,17 @@ class CaseStore:
                 (model, description, json.dumps(options), torch.__version__, time.time(), "running"))
         return int(cur.lastrowid)
 
+    @_sql
     def finish_run(self, run_id: int, calls: int) -> None:
         with self.db:
             self.db.execute("UPDATE runs SET finished=?, status='complete', calls=? WHERE id=?",
                             (time.time(), calls, run_id))
 
+    @_sql
     def known_blobs(self) -> set[str]:
         return {h for (h,) in self.db.execute("SELECT hash FROM blobs")}
 
+    @_sql
     def sample_counts(self) -> dict[str, int]:
         """signature -> samples already held (the Recorder keeps at most K per signature across runs)."""
         rows = self.db.execute(
@@ -258,6 +442,7 @@ class CaseStore:
         """
         self.commit_batch(run_id, Batch.encode(blobs, samples, counts), calls)
 
+    @_sql
     def commit_batch(self, run_id: int, batch: Batch, calls: int, verify: Callable[[], None] | None = None) -> None:
         """Write the batch's blobs to one shard (durably), then commit its rows in one transaction.
 
@@ -265,7 +450,7 @@ class CaseStore:
         `verify`, when given, runs after the shard is written and before any row commits; if it raises, the
         shard is removed and nothing commits.
         """
-        shard = self._write_shard(batch, verify) if batch.blobs else None
+        shard = self._write_shard(run_id, batch, verify) if batch.blobs else None
         x = self.db.execute
         with self.db:
             if shard is not None:
@@ -291,7 +476,7 @@ class CaseStore:
                 raise TapmlError(f"{self.path}: cases vanished from the store while carving into it; carve again")
             x("UPDATE runs SET calls=? WHERE id=?", (calls, run_id))
 
-    def _write_shard(self, batch: Batch, verify: Callable[[], None] | None = None) -> str:
+    def _write_shard(self, run_id: int, batch: Batch, verify: Callable[[], None] | None = None) -> str:
         name = f"{uuid.uuid4().hex}.safetensors"
         final = self.path / "blobs" / name
         tmp = final.with_suffix(".tmp")
@@ -306,11 +491,14 @@ class CaseStore:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, final)
+        self._written.setdefault(run_id, []).append(name)  # before the rows: a failed commit still removes it
         _fsync(final.parent)
         return name
 
+    @_sql
     def discard_run(self, run_id: int) -> None:
-        """Remove a failed run's rows; cases no other run saw go with it (their blobs become garbage)."""
+        """Remove a failed run's rows (cases no other run saw, and blobs no sample references, go with them) and
+        the shards this handle wrote for it, once no row points into them."""
         with self.db:
             self.db.execute("DELETE FROM samples WHERE run_id=?", (run_id,))
             self.db.execute("DELETE FROM occurrences WHERE run_id=?", (run_id,))
@@ -324,13 +512,30 @@ class CaseStore:
                     referenced.add(rng)
             dead = [(h,) for (h,) in self.db.execute("SELECT hash FROM blobs") if h not in referenced]
             self.db.executemany("DELETE FROM blobs WHERE hash=?", dead)
+        for name in self._written.pop(run_id, []):
+            if self.db.execute("SELECT 1 FROM blobs WHERE shard=? LIMIT 1", (name,)).fetchone() is None:
+                (self.path / "blobs" / name).unlink(missing_ok=True)
 
-    @staticmethod
-    def remove(path: str | os.PathLike) -> None:
-        """Delete a store directory this process created (used when its first carve fails)."""
-        shutil.rmtree(path, ignore_errors=True)
+    def abandon(self, run_id: int | None) -> None:
+        """A failed carve's exit: discard its run (`run_id`; None when it never began) and close. A store this
+        handle created goes too when it holds nothing else; nothing another carve wrote is ever removed."""
+        try:
+            if run_id is not None:
+                self.discard_run(run_id)
+            empty = self.created and not self.db.execute("SELECT EXISTS(SELECT 1 FROM runs) OR"
+                                                         " EXISTS(SELECT 1 FROM blobs)").fetchone()[0]
+        except Exception:  # the failure being handled matters more; an undiscarded run shows as interrupted
+            empty = False
+        if not empty:
+            self.close()
+            return
+        self._shards.clear()
+        self.db.close()
+        lock, self._lock = self._lock, None
+        _remove_files(self.path, lock, self._made_dir)
 
     # --- reading ---------------------------------------------------------------------------------------
+    @_sql
     def cases(self, pattern: str | None = None) -> list[Case]:
         """All cases, optionally only those whose op contains `pattern` (like pytest's -k)."""
         rows = self.db.execute(
@@ -348,6 +553,7 @@ class CaseStore:
                 out.append(case)
         return out
 
+    @_sql
     def samples(self, case_id: int) -> list[Sample]:
         rows = self.db.execute(
             "SELECT id, case_id, run_id, module, phase, call_index, inputs, outputs, rng FROM samples "
@@ -355,24 +561,34 @@ class CaseStore:
         return [Sample(r[0], r[1], Provenance(r[2], r[3], r[4], r[5]), json.loads(r[6]), json.loads(r[7]), r[8])
                 for r in rows]
 
+    @_sql
     def blob(self, h: str) -> torch.Tensor:
+        """A blob's values (flat), checked against its content hash the first time this handle loads it: damaged
+        bytes raise StoreCorrupt instead of reaching a backend as wrong inputs or expected outputs."""
         row = self.db.execute("SELECT shard, dtype, shape FROM blobs WHERE hash=?", (h,)).fetchone()
         if row is None:
-            raise TapmlError(f"{self.path}: blob {h} is missing; the store is damaged — carve it again")
+            raise StoreCorrupt(f"{self.path}: blob {h} is missing; the store is damaged — carve it again")
         shard, dtype, shape = row
-        handle = self._shards.get(shard)
-        if handle is None:
-            try:
-                handle = safetensors.safe_open(str(self.path / "blobs" / shard), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise TapmlError(f"{self.path}/blobs/{shard} is unreadable ({e}); carve the store again") from None
-            self._shards[shard] = handle
-            if len(self._shards) > 64:
-                self._shards.popitem(last=False)
-        t = handle.get_tensor(h)
+        where = f"{self.path}/blobs/{shard}"
+        try:
+            handle = self._shards.get(shard)
+            if handle is None:
+                handle = safetensors.safe_open(where, framework="pt")
+                self._shards[shard] = handle
+                if len(self._shards) > 64:
+                    self._shards.popitem(last=False)
+            t = handle.get_tensor(h)
+        except Exception as e:  # safetensors raises its own error types
+            msg = (str(e).splitlines() or [type(e).__name__])[0]
+            raise StoreCorrupt(f"{where} is unreadable ({msg}); the store is damaged — carve it again") from None
         want = getattr(torch, dtype)
         if t.dtype != want:  # stored raw
             t = t.view(want).reshape(json.loads(shape))
+        if h not in self._verified:
+            if content_hash(t) != h:
+                raise StoreCorrupt(f"{where}: blob {h} does not match its content hash (the shard is damaged); "
+                                   "carve the store again")
+            self._verified.add(h)
         return t
 
     def _tensor(self, ref: list) -> torch.Tensor:
@@ -398,6 +614,7 @@ class CaseStore:
             for s in self.samples(case.id):
                 yield case, s, self.load_call(case, s)
 
+    @_sql
     def runs(self) -> list[dict]:
         rows = self.db.execute(
             "SELECT id, model, description, options, torch, started, finished, status, calls FROM runs "
@@ -412,6 +629,7 @@ class CaseStore:
             out.append(d)
         return out
 
+    @_sql
     def stats(self) -> dict[str, Any]:
         q = self.db.execute
         cases = q("SELECT COUNT(*) FROM cases").fetchone()[0]
@@ -424,6 +642,7 @@ class CaseStore:
                 "blobs": blob_bytes[1], "blob_bytes": blob_bytes[0], "disk_bytes": disk,
                 "runs": len(self.runs())}
 
+    @_sql
     def op_table(self) -> list[dict[str, Any]]:
         """Per overload: cases, calls covered."""
         rows = self.db.execute(

@@ -124,3 +124,21 @@ class NumpyWrite(torch.nn.Module):
 
 def make_numpy_write():
     return NumpyWrite(), (torch.ones(256, 256),)
+
+
+class Endless(torch.nn.Module):
+    """Runs small ops of ever new shapes (new cases: commits keep coming) for a minute unless stopped; a time
+    limit must cut it short wherever it is, in Python code or in an op."""
+
+    def forward(self, x):
+        import time
+
+        end, i = time.monotonic() + 60, 0
+        while time.monotonic() < end:
+            i += 1
+            x = torch.tanh(x[: 1 + i % 200] + i).repeat(2, 1)[:200]
+        return x
+
+
+def make_endless():
+    return Endless(), (torch.ones(200, 8),)

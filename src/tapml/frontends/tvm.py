@@ -127,8 +127,7 @@ def carve_tvm(model: str, out: str, *, prompt: str | None = None, samples: int =
         store.commit(run_id, blobs, pending, {k: tuple(v) for k, v in counts.items()}, state["calls"])
         store.finish_run(run_id, state["calls"])
     except BaseException as e:
-        store.discard_run(run_id)
-        store.close()
+        store.abandon(run_id)  # its rows and shards; the store too when this call created it and it holds no more
         if isinstance(e, (TapmlError, KeyboardInterrupt)):
             raise
         raise TapmlError(f"the TVM VM run of {prog.name} failed: {type(e).__name__}: {e}") from None
