@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_remote import raw_session
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -35,15 +36,12 @@ def target():
 class Wire:
     """An authenticated raw connection that sends arbitrary frames and reads one reply per frame."""
 
-    def __init__(self, url: str):
-        self.url, self.closes = url, 0
+    def __init__(self, url: str, token: str):
+        self.url, self.token, self.closes = url, token, 0
         self.open()
 
     def open(self):
-        self.ws = connect(self.url, proxy=None, compression=None, max_size=None, legacy=True)
-        assert decode_frame(self.ws.recv(timeout=5))[0]["type"] == "hello"
-        self.ws.send(join_frame(encode_frame({"type": "auth", "protocol": 1, "cnonce": "f" * 32})))
-        assert decode_frame(self.ws.recv(timeout=5))[0]["type"] == "welcome"
+        self.ws = raw_session(self.url, self.token, legacy=True)
 
     def ask(self, data) -> dict | None:
         try:
@@ -58,7 +56,7 @@ class Wire:
 
 @pytest.fixture(scope="module")
 def wire(target):
-    w = Wire(target.url)
+    w = Wire(target.url, target.token)
     yield w
     w.ws.close()
 
@@ -149,7 +147,7 @@ def test_nothing_is_served_before_the_handshake(target, data):
 def test_after_the_fuzzing_the_server_still_serves_and_holds_nothing(target, wire):
     assert wire.closes == 0  # no frame made the server drop the connection
     wire.ws.close()
-    be = RemoteBackend(target.url)
+    be = RemoteBackend(target.url, token=target.token)
     assert be.ping() < 5
     assert be.execute(OpCall("aten.add.Tensor", (torch.ones(3), torch.ones(3)), {})).tolist() == [2.0] * 3
     be.close()

@@ -93,8 +93,8 @@ def registered() -> list[BackendInfo]:
     return out
 
 
-def get_backend(name: str, **options: Any) -> Backend:
-    """Instantiate the backend registered as `name`; a one-line TapmlError when unknown or unusable."""
+def backend_class(name: str) -> type[Backend]:
+    """The class registered as `name`, checked usable here; a one-line TapmlError when unknown or unusable."""
     eps = _entry_points()
     if name not in eps:
         raise TapmlError(f"unknown backend {name!r}; installed: {', '.join(sorted(eps))} (see `tapml backends`)")
@@ -105,4 +105,9 @@ def get_backend(name: str, **options: Any) -> Backend:
     reason = cls.unavailable()
     if reason:
         raise TapmlError(f"backend {name} is not usable here: {reason}")
-    return cls(**options)
+    return cls
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """Instantiate the backend registered as `name`; a one-line TapmlError when unknown or unusable."""
+    return backend_class(name)(**options)

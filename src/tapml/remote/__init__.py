@@ -20,6 +20,8 @@ def open_backend(name: str, remote: str | None = None, token_file: str | Path | 
     if remote is None:
         if name == "remote" and token_file is not None:
             options["token_file"] = token_file
+        elif token_file is not None:
+            raise TapmlError(f"--token-file is for a remote target; backend {name} runs here (add --remote URL)")
         return get_backend(name, **options)
     if options:
         raise TapmlError(f"options for backend {name} ({', '.join(sorted(options))}) are set where it is served "

@@ -36,7 +36,8 @@ from tapml.remote.protocol import (
     tensor_from_payload,
     tensor_payload,
 )
-from tapml.remote.server import MAX_OUTPUTS, read_token
+from tapml.remote.server import read_token
+from tapml.remote.worker import MAX_OUTPUTS
 
 _STATELESS = ("info", "ping", "stats", "supports")  # safe to send again on a new connection
 BACKOFF = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)  # seconds between redials of a dropped connection (~3 s in all)
@@ -87,8 +88,7 @@ class RemoteBackend(Backend):
         if not url:
             raise TapmlError("backend remote needs a server: pass --remote ws://HOST:PORT (start one with "
                              "`tapml serve --backend NAME`)")
-        if not url.startswith(("ws://", "wss://")):
-            raise TapmlError(f"remote URL {url!r} must start with ws:// or wss://")
+        _check_url(url)
         self.url, self.timeout = url, timeout
         self.cafile = cafile or os.environ.get("TAPML_CA") or None
         self.token = token or read_token(token_file)
@@ -158,6 +158,10 @@ class RemoteBackend(Backend):
                                  + ("; check the token" if self.token else ""))
             if self.token and not check_mac(self.token, "server", hello["nonce"], cnonce, welcome.get("mac")):
                 raise TapmlError(f"{self.url} could not prove it knows the token; refusing to talk to it")
+            # The server reads the first frame after `welcome` under its pre-authentication size limit: a ping
+            # takes that slot, so the next request may be as large as max_message (docs/PROTOCOL.md).
+            ws.send(encode_frame({"type": "ping", "id": 0}))
+            decode_frame(ws.recv(timeout=10))
         except TapmlError:
             ws.close()
             raise
@@ -459,6 +463,21 @@ class RemoteBackend(Backend):
                 self._ws.close()
                 self._ws = None
             self.epoch += 1
+
+
+def _check_url(url: str) -> None:
+    """ws://HOST:PORT or wss://HOST:PORT, checked before anything dials it."""
+    from urllib.parse import urlsplit
+
+    if not url.startswith(("ws://", "wss://")):
+        raise TapmlError(f"remote URL {url!r} must start with ws:// or wss://")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port out of range or not a number
+    except ValueError as e:
+        raise TapmlError(f"bad remote URL {url!r} ({e}); expected ws://HOST:PORT") from None
+    if not parts.hostname or port is None:
+        raise TapmlError(f"bad remote URL {url!r}: expected ws://HOST:PORT, e.g. ws://127.0.0.1:8765")
 
 
 class _Unreachable(TapmlError):

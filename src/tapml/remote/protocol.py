@@ -18,6 +18,7 @@ import torch
 
 from tapml.errors import TapmlError
 from tapml.ops import resolve_op
+from tapml.remote.oppolicy import OpPolicy
 
 VERSION = 1
 MAX_DEPTH = 32  # nesting of argument pytrees
@@ -47,8 +48,7 @@ LAYOUTS = {n: getattr(torch, n) for n in ("strided", "sparse_coo", "sparse_csr",
            if isinstance(getattr(torch, n, None), torch.layout)}
 MEMORY_FORMATS = {n: getattr(torch, n) for n in ("contiguous_format", "channels_last", "channels_last_3d",
                                                  "preserve_format")}
-OP_NAMESPACES = ("aten", "prims")
-_OP_NAME = re.compile(r"^[a-z]+\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
+_OP_NAME = re.compile(r"^(aten|prims)\.[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def dtype_of(name: Any) -> torch.dtype:
@@ -57,13 +57,14 @@ def dtype_of(name: Any) -> torch.dtype:
     return DTYPES[name]
 
 
-def safe_op(name: Any) -> torch._ops.OpOverload:
-    """Resolve an op name against torch.ops: `aten`/`prims` only, and the result must be an OpOverload
-    (a name like `aten.__class__.mro` walks attributes but is refused, never called)."""
+def resolve_allowed(name: Any, policy: OpPolicy) -> torch._ops.OpOverload:
+    """Resolve an op name the server's allow-list admits (docs/SECURITY.md). The name is checked against the
+    list before anything is looked up, and the result must be an OpOverload."""
     if not isinstance(name, str) or len(name) > 200 or not _OP_NAME.match(name):
-        raise ProtocolError(f"bad op name {str(name)[:80]!r}")
-    if name.split(".", 1)[0] not in OP_NAMESPACES:
-        raise ProtocolError(f"op namespace of {name} is not allowed (only {', '.join(OP_NAMESPACES)})")
+        raise ProtocolError(f"bad op name {str(name)[:80]!r}: expected aten.OP.OVERLOAD")
+    why = policy.refusal(name)
+    if why:
+        raise ProtocolError(why)
     try:
         op = resolve_op(name)
     except TapmlError as e:
@@ -112,7 +113,7 @@ def decode_frame(data: Any) -> tuple[dict[str, Any], list[memoryview]]:
     if hlen > len(mv) - 4:
         raise ProtocolError("header length exceeds the frame")
     try:
-        header = json.loads(bytes(mv[4:4 + hlen]))
+        header = json.loads(bytes(mv[4:4 + hlen]), parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
         raise ProtocolError(f"header is not JSON: {str(e)[:80]}") from None
     if not isinstance(header, dict):
@@ -129,6 +130,10 @@ def decode_frame(data: Any) -> tuple[dict[str, Any], list[memoryview]]:
     if pos < len(mv) - _ALIGN:
         raise ProtocolError("trailing bytes after the last blob")
     return header, blobs
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: our replies could not echo them back
 
 
 def _is_int(x: Any) -> bool:
