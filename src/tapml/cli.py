@@ -1,17 +1,21 @@
 """The `tapml` command: a thin typer skin over the API (carve, show, test, export-pytest, serve, zoo, backends).
 
-Each command parses, calls one API function and renders its result; user errors (TapmlError) become one line
-on stderr and exit code 2.
+Each command parses, calls one API function and renders its result; it must not hold logic or checks of its
+own (those live once, in the API). User errors (TapmlError) and usage errors (a bad or missing option) become
+one line on stderr, `tapml: error: ...`, and exit code 2; anything else is a tapml bug and keeps its traceback.
+Data (paths, model and op names) is printed escaped, never read as rich markup.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tapml.errors import TapmlError
@@ -39,24 +43,31 @@ def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or 
           progress: bool = typer.Option(True, help="show a progress bar"),
           frontend: str = typer.Option("torch", "--frontend",
                                        help="torch: ATen calls of the run; tvm: TIR kernel calls of the model's "
-                                            "forward (one prefill forward for LLMs) in TVM's Relax VM")) -> None:
+                                            "forward (one prefill forward for LLMs) in TVM's Relax VM"),
+          timeout: float | None = typer.Option(None, "--timeout", metavar="SECONDS",
+                                               help="stop the model run after this many seconds (its run is "
+                                                    "discarded); torch frontend")) -> None:
     """Run MODEL on PyTorch and record every ATen op call into a case store."""
     from tapml.carve import carve as do_carve
+    from tapml.paths import check_output_dir
 
+    check_output_dir(out_dir, "--out")
     if frontend == "tvm":
         from tapml.frontends.tvm import carve_tvm
 
+        if timeout is not None:
+            raise TapmlError("--timeout applies to --frontend torch (the tvm frontend runs one compiled forward)")
         r = carve_tvm(model, str(out_dir), prompt=prompt, samples=samples)
     elif frontend == "torch":
         r = do_carve(model, out_dir, prompt=prompt, max_new_tokens=max_new_tokens, samples=samples,
-                     progress=progress and sys.stderr.isatty())
+                     progress=progress and sys.stderr.isatty(), timeout=timeout)
     else:
         raise TapmlError(f"unknown --frontend {frontend!r}; choose torch or tvm")
     s = r.stats
-    out.print(f"carved [bold]{r.model}[/]: {r.description}")
+    out.print(f"carved [bold]{escape(r.model)}[/]: {escape(r.description)}")
     out.print(f"  {r.calls} op calls -> {r.cases} signatures ({r.new_cases} new) in {r.seconds:.1f}s; "
-              f"store {out_dir}: {s['cases']} cases, {s['samples']} samples, {s['overloads']} overloads, "
-              f"{_human(s['disk_bytes'])} on disk, {s['runs']} run(s)")
+              f"store {escape(str(out_dir))}: {s['cases']} cases, {s['samples']} samples, {s['overloads']} "
+              f"overloads, {_human(s['disk_bytes'])} on disk, {s['runs']} run(s)")
 
 
 @app.command()
@@ -64,32 +75,35 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
          cases: bool = typer.Option(False, "--cases", help="list every case too")) -> None:
     """Summarize a case store: cases, calls covered, op kinds, bytes, runs."""
     from tapml.ops import describe_signature
+    from tapml.paths import check_path
     from tapml.store import CaseStore
 
+    check_path(store, "STORE")
     with CaseStore.open(store) as st:
         s = st.stats()
         runs = st.runs()
         ops = st.op_table()
         all_cases = st.cases() if cases else []
-    out.print(f"[bold]{store}[/]: {s['cases']} cases covering {s['calls']} calls, {s['overloads']} overloads, "
-              f"{s['samples']} samples, {s['blobs']} blobs ({_human(s['blob_bytes'])}), "
+    out.print(f"[bold]{escape(str(store))}[/]: {s['cases']} cases covering {s['calls']} calls, {s['overloads']} "
+              f"overloads, {s['samples']} samples, {s['blobs']} blobs ({_human(s['blob_bytes'])}), "
               f"{_human(s['disk_bytes'])} on disk")
     t = Table(title="runs", title_justify="left")
     for c in ("id", "model", "status", "calls", "description"):
         t.add_column(c)
     for r in runs:
-        t.add_row(str(r["id"]), r["model"], r["status"], str(r["calls"]), r["description"] or "")
+        t.add_row(str(r["id"]), escape(r["model"]), r["status"], str(r["calls"]), escape(r["description"] or ""))
     out.print(t)
     t = Table(title="op kinds", title_justify="left")
     for c in ("op", "cases", "calls"):
         t.add_column(c, justify="left" if c == "op" else "right")
     for row in ops:
-        t.add_row(row["op"], str(row["cases"]), str(row["calls"]))
+        t.add_row(escape(row["op"]), str(row["cases"]), str(row["calls"]))
     out.print(t)
     for c in all_cases:
         args = describe_signature(c.spec, c.metas) if c.replayable else f"(not replayable: {c.reason})"
         first = c.first
-        out.print(f"{c.id:5d} {c.op} {args} ×{c.count} [dim]{first.get('module', '')} {first.get('phase', '')}[/]")
+        out.print(f"{c.id:5d} {escape(c.op)} {escape(args)} ×{c.count} [dim]{escape(str(first.get('module', '')))} "
+                  f"{escape(str(first.get('phase', '')))}[/]")
 
 
 @app.command()
@@ -106,11 +120,14 @@ def test(store: Path = typer.Argument(..., help="case store directory"),
                                                     "'llvm -opt-level=0', 'cuda'")
          ) -> None:
     """Replay every case on BACKEND; exit 0 when all supported cases pass, 1 when any fails."""
+    from tapml.paths import check_path
     from tapml.remote import open_backend
     from tapml.replay import run_tests
-    from tapml.report import print_summary, to_html, to_json, write_atomic
+    from tapml.report import check_report_paths, print_summary, to_html, to_json, write_atomic
     from tapml.store import CaseStore
 
+    check_path(store, "STORE")
+    check_report_paths(json_out, html_out, store)  # before the run: the reports are written after it
     CaseStore.open(store).close()  # a bad store fails before the backend starts
     if tvm_target is not None and backend != "tvm":
         raise TapmlError(f"--tvm-target applies to --backend tvm, not {backend}")
@@ -121,9 +138,9 @@ def test(store: Path = typer.Argument(..., help="case store directory"),
         be.close()
     print_summary(run, out)
     if json_out:
-        write_atomic(json_out, to_json(run))
+        write_atomic(json_out, to_json(run), "--json")
     if html_out:
-        write_atomic(html_out, to_html(run))
+        write_atomic(html_out, to_html(run), "--html")
     raise typer.Exit(run.exit_code)
 
 
@@ -133,34 +150,49 @@ def export_pytest(store: Path = typer.Argument(..., help="case store directory")
                   out_file: Path = typer.Option(..., "--out", help="pytest file to write"),
                   k: str | None = typer.Option(None, "-k")) -> None:
     """Write a standalone pytest file that replays the store's cases on BACKEND."""
-    from tapml.backends import get_backend
     from tapml.testing.export import export_pytest as do_export
 
-    get_backend(backend).close()
     n = do_export(str(store), backend, str(out_file), k)
-    out.print(f"wrote {out_file}: {n} cases on {backend}; run it with `pytest {out_file}`")
+    out.print(f"wrote {escape(str(out_file))}: {n} cases on {escape(backend)}; run it with "
+              f"`pytest {escape(str(out_file))}`")
 
 
 @app.command()
 def serve(backend: str = typer.Option(..., "--backend", help="backend to host (see `tapml backends`)"),
-          host: str = typer.Option("127.0.0.1", help="address to listen on; other than loopback needs a token"),
+          host: str = typer.Option("127.0.0.1", help="address to listen on (loopback unless you mean otherwise)"),
           port: int = typer.Option(8765, help="port to listen on (0 picks a free one)"),
-          token_file: Path | None = typer.Option(None, "--token-file", help="shared secret (else TAPML_TOKEN)"),
-          max_message_mb: int = typer.Option(256, help="largest message accepted, in MiB"),
-          timeout: float = typer.Option(120.0, help="time limit of one request, in seconds"),
+          token_file: Path | None = typer.Option(None, "--token-file",
+                                                 help="shared secret (else TAPML_TOKEN; else one is generated)"),
+          max_message_mb: int = typer.Option(256, help="largest message accepted after authentication, in MiB"),
+          timeout: float = typer.Option(120.0, help="time budget of one request, in seconds: a request over it "
+                                                    "stops its session"),
+          max_session_mb: int = typer.Option(8192, help="memory one session may hold on the server, in MiB"),
+          max_op_elements: int = typer.Option(1 << 31, help="largest tensor (elements) an op may produce"),
+          max_connections: int = typer.Option(16, help="sessions at once (each runs in a process of its own)"),
+          allow_origin: list[str] = typer.Option([], "--allow-origin",
+                                                 help="let web pages from this origin connect (e.g. "
+                                                      "http://localhost:3000); browsers are refused otherwise"),
+          allow_ops: list[Path] = typer.Option([], "--allow-ops",
+                                               help="file of extra ATen overloads to allow, one per line"),
           tls_cert: Path | None = typer.Option(None, "--tls-cert", help="serve wss:// with this certificate"),
           tls_key: Path | None = typer.Option(None, "--tls-key", help="its private key (if not in --tls-cert)"),
           option: list[str] = typer.Option([], "--option", help="backend option KEY=VALUE, e.g. tf32=false")
           ) -> None:
-    """Host BACKEND for remote clients (`tapml test STORE --backend remote --remote URL`) until interrupted."""
+    """Host BACKEND for remote clients (`tapml test STORE --backend remote --remote URL`) until interrupted.
+    Clients must prove they know the token (docs/SECURITY.md)."""
     from tapml.remote.server import parse_options
     from tapml.remote.server import serve as do_serve
 
     def listening(s) -> None:
-        auth = "HMAC token required" if s.token else "no token (loopback only)"
-        print(f"tapml serve: backend {s.backend.name} on {s.url} ({auth}); Ctrl-C stops", flush=True)
+        print(f"tapml serve: backend {s.backend_name} on {s.url} (token required); Ctrl-C stops", flush=True)
+        if s.generated_token:
+            print(f"tapml serve: token {s.token} (generated for this run: clients pass it as TAPML_TOKEN={s.token} "
+                  "or in a file with --token-file FILE)", flush=True)
 
-    do_serve(backend, host, port, token_file, max_message_mb << 20, timeout, on_listening=listening,
+    mib = 1 << 20
+    do_serve(backend, host, port, token_file, on_listening=listening, max_message=max_message_mb * mib,
+             timeout=timeout, max_session_bytes=max_session_mb * mib, max_op_elements=max_op_elements,
+             max_connections=max_connections, allow_origins=tuple(allow_origin), allow_ops=tuple(allow_ops),
              tls_cert=tls_cert, tls_key=tls_key, backend_options=parse_options(option))
 
 
@@ -187,42 +219,24 @@ def migrate(model: str = typer.Argument(..., help="zoo name or path/to/file.py:m
             token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
     """Migrate MODEL to TARGET op by op and name the first op instance that breaks the result.
     Exit 0: no divergence; 1: a culprit was found."""
-    import json
+    from tapml.migrate.localize import migrate as do_migrate
 
-    from tapml.migrate.debug import _open, migration_json
-    from tapml.migrate.localize import STRATEGIES, localize, make_target
-    from tapml.migrate.repro import save_culprit
-    from tapml.report import write_atomic
-
-    if strategy not in STRATEGIES:
-        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if tol <= 0:
-        raise TapmlError(f"--tol must be > 0 (got {tol})")
-    from tapml.carve import load_workload
-
-    backend = make_target(_open(target, remote, str(token_file) if token_file else None), inject)
-    try:
-        name, workload = load_workload(model, prompt, max_new_tokens)
-        err.print(f"migrating {name} to {backend.name} ({strategy}) …")
-        loc = localize(workload, name, backend, strategy, tol, inject,
-                       on_trial=lambda p, v: err.print(f"  run: {p:<48.48} -> {'ok' if v.passed else 'BROKEN'} "
-                                                       f"(rel. error {v.rel_error:.3g})"))
-    finally:
-        backend.close()
-    out.print(_migration_line(loc))
+    loc = do_migrate(model, target, strategy, inject, max_new_tokens, prompt, tol, remote=remote,
+                     token_file=str(token_file) if token_file else None, json_out=json_out,
+                     log=lambda s: err.print(s, markup=False),
+                     on_trial=lambda p, v: err.print(f"  run: {p:<48.48} -> {'ok' if v.passed else 'BROKEN'} "
+                                                     f"(rel. error {v.rel_error:.3g})", markup=False))
+    out.print(_migration_line(loc), markup=False)
     x = loc.crossings
     if x:
         out.print(f"  crossings in the widest run: {x['uploads']} uploads ({x['upload_bytes'] / 2**20:.1f} MiB) to "
                   f"the target, {x['downloads']} downloads ({x['download_bytes'] / 2**20:.1f} MiB) back")
     if loc.note:
-        out.print(f"  note: {loc.note}")
+        out.print(f"  note: {loc.note}", markup=False)
     if json_out:
-        store, case = None, None
-        if loc.culprit is not None and loc.culprit_inputs is not None:
-            store = str(json_out.with_suffix("")) + ".culprit"
-            case = save_culprit(loc, store)
-        write_atomic(json_out, json.dumps(migration_json(loc, target, inject, store, case), indent=1, default=str))
-        out.print(f"wrote {json_out}" + (f" (culprit inputs in {store}; `tapml repro {json_out}`)" if store else ""))
+        store = loc.culprit_store
+        out.print(f"wrote {json_out}" + (f" (culprit inputs in {store}; `tapml repro {json_out}`)" if store else ""),
+                  markup=False)
     raise typer.Exit(loc.exit_code)
 
 
@@ -233,7 +247,7 @@ def repro(result: Path = typer.Argument(..., help="the JSON written by `tapml mi
     from tapml.migrate.repro import load_result, write_repro
 
     path = write_repro(load_result(result), out_file)
-    out.print(f"wrote {path}; `pytest {path}` fails while the bug is there")
+    out.print(f"wrote {path}; `pytest {path}` fails while the bug is there", markup=False)
 
 
 @app.command()
@@ -251,19 +265,19 @@ def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:mak
     from tapml.migrate.debug import debug as do_debug
 
     res = do_debug(model, target, out_dir, inject, strategy, max_new_tokens, None, tol, html_out, remote,
-                   str(token_file) if token_file else None, log=lambda s: err.print(s))
+                   str(token_file) if token_file else None, log=lambda s: err.print(s, markup=False))
     t = res.tested.totals()
-    out.print(f"carved tests on {res.target}: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} "
+    out.print(f"carved tests on {escape(res.target)}: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} "
               f"unsupported, {t['error']} errors of {t['cases']} cases")
     e = res.e2e
     out.print(f"end to end with every op on the target: {'pass' if e['passed'] else 'FAIL'} "
               f"(rel. error {e['rel_error']:.3g})")
     if res.localization is not None:
-        out.print(_migration_line(res.localization))
+        out.print(_migration_line(res.localization), markup=False)
     if res.repro:
-        out.print(f"repro: {res.repro}")
+        out.print(f"repro: {res.repro}", markup=False)
     if res.html:
-        out.print(f"report: {res.html}")
+        out.print(f"report: {res.html}", markup=False)
     raise typer.Exit(res.exit_code)
 
 
@@ -289,19 +303,66 @@ def backends() -> None:
     for c in ("name", "usable", "description / reason"):
         t.add_column(c)
     for b in registered():
-        t.add_row(b.name, "[green]yes[/]" if b.available else "[red]no[/]",
-                  b.description if b.available else (b.reason or ""))
+        t.add_row(escape(b.name), "[green]yes[/]" if b.available else "[red]no[/]",
+                  escape(b.description if b.available else (b.reason or "")))
     out.print(t)
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: newlines and other control or unprintable characters (a path's, a non-UTF-8
+    argument's) shown escaped, so the error is always exactly one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text.strip())
+
+
+def _fail(message: str) -> None:
+    err.print(f"tapml: error: {_one_line(message)}", soft_wrap=True, markup=False)
+    sys.exit(2)
+
+
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(usage errors, no-args-is-help, abort) of the click typer runs on: its own copy (typer ≥ 0.20 vendors
+    click as typer._click) or click itself."""
+    errors: tuple[type, ...] = ()
+    no_args: tuple[type, ...] = ()
+    abort: tuple[type, ...] = (typer.Abort,)
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            m = importlib.import_module(name)
+        except ImportError:
+            continue
+        errors += (m.ClickException,)
+        no_args += (m.NoArgsIsHelpError,) if hasattr(m, "NoArgsIsHelpError") else ()
+        abort += (m.Abort,) if hasattr(m, "Abort") else ()
+    return errors, no_args, abort
+
+
+def _usage(e: Exception) -> str:
+    """A click usage error (bad value, missing or unknown option) as one line, with where to read more."""
+    ctx = getattr(e, "ctx", None)
+    return e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx is not None else "")
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    usage_errors, no_args, aborts = _click_exceptions()
     try:
-        app()  # standalone: usage errors exit 2, typer.Exit carries each command's code
+        # Not standalone: click's usage errors come here instead of as a multi-line panel; typer.Exit (and
+        # --help, which exits 0) come back as the exit code.
+        code = app(standalone_mode=False, prog_name="tapml")
     except TapmlError as e:
-        err.print(f"tapml: error: {e}", soft_wrap=True)
-        sys.exit(2)
+        _fail(str(e))
+    except no_args as e:  # `tapml` alone: the help, as before (typer's rich help has printed itself already)
+        if e.format_message().strip():
+            e.show()
+        sys.exit(e.exit_code)
+    except usage_errors as e:  # UsageError, BadParameter, MissingParameter, NoSuchOption: all exit 2
+        _fail(_usage(e))
+    except aborts:  # end of input at a prompt
+        err.print("Aborted!", markup=False)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from tapml.backends import Backend, get_backend
 from tapml.backends.reference import Float64Backend
 from tapml.compare import Verdict, judge
-from tapml.errors import UnknownOp
+from tapml.errors import TapmlError, UnknownOp
 from tapml.ops import OpCall, describe_signature
 from tapml.store import Case, CaseStore
 
@@ -154,6 +154,8 @@ def run_tests(store_path: str, backend: str | Backend, pattern: str | None = Non
     start = time.perf_counter()
     with CaseStore.open(store_path) as store:
         cases = store.cases(pattern)
+        if pattern is not None and not cases:  # a typo in -k must not read as "all passed"
+            raise TapmlError(f"-k {pattern!r} matches no case of {store_path}; see `tapml show {store_path}`")
         results = []
         with _bar(progress, len(cases), be.name) as advance:
             for case in cases:

@@ -8,16 +8,29 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tapml.carve import CarveResult, carve, load_workload
-from tapml.migrate.localize import DEFAULT_TOL, Localization, Session, localize, make_target
+from tapml.errors import TapmlError
+from tapml.migrate.localize import (
+    DEFAULT_TOL,
+    Localization,
+    Session,
+    check_fault_hits_the_run,
+    check_settings,
+    localize,
+    make_target,
+    open_target,
+)
 from tapml.migrate.placement import Placement
-from tapml.migrate.repro import save_culprit, write_repro
+from tapml.migrate.repro import check_culprit_store, save_culprit, write_repro
+from tapml.paths import check_output_dir, check_output_file, short
 from tapml.replay import TestRun, run_tests
+from tapml.report import write_atomic
 
 
 @dataclass
@@ -42,18 +55,42 @@ def debug(model: str, target: str, out_dir: str | Path | None = None, inject: st
           strategy: str = "bisect", max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
           html_out: str | Path | None = None, remote: str | None = None, token_file: str | None = None,
           log: Any = None) -> DebugResult:
+    """Carve, test, run all on the target, localize, report. Settings and paths are checked before anything
+    runs; a temp work directory (no `out_dir`) is removed again when the flow fails."""
     say = log or (lambda s: None)
-    work_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="tapml-debug-"))
-    backend = make_target(_open(target, remote, token_file), inject)
+    check_settings(strategy, tol, max_new_tokens)
+    if inject:
+        from tapml.testing.faults import parse_fault
+
+        parse_fault(inject)
+    if html_out is not None:
+        check_output_file(html_out, "--html")
+    if out_dir is not None:
+        work = check_output_dir(out_dir, "--out")
+        check_output_dir(work / "cases", "--out")
+        for name in ("migrate.json", "test_repro.py"):
+            check_output_file(work / name, "--out")
+        check_culprit_store(work / "culprit", f"--out {short(work)}: its culprit store")
+    backend = make_target(open_target(target, remote, token_file), inject)
+    work_dir = Path(out_dir) if out_dir else None
     try:
+        work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tapml-debug-"))
         name, workload = load_workload(model, prompt, max_new_tokens)
+        session = Session(workload, backend, tol)
+        # The reference run first: a fault on an op the model never runs is bad input, refused before the carve
+        # (else the flow would report a clean target).
+        try:
+            check_fault_hits_the_run(session, inject)
+        except TapmlError:
+            raise
+        except Exception as e:  # the model itself failed (as carve would report it)
+            raise TapmlError(f"model {name} raised {type(e).__name__} while running: {e}") from None
         store = work_dir / "cases"
         say(f"1/4 carve {name} into {store}")
         carved = carve(name, store, workload=workload, progress=False)
         say(f"2/4 replay {carved.cases} carved cases on {backend.name}")
         tested = run_tests(str(store), backend, progress=False)
         say("3/4 run the model with every op on the target, checking each op against the reference")
-        session = Session(workload, backend, tol)
         run, verdict = session.trial(Placement.all(), local_check=Placement.all())
         drift = [r.as_dict() for r in run.records]
         loc, repro = None, None
@@ -63,27 +100,21 @@ def debug(model: str, target: str, out_dir: str | Path | None = None, inject: st
             if loc.culprit is not None and loc.culprit_inputs is not None:
                 case = save_culprit(loc, work_dir / "culprit")
                 result = migration_json(loc, target, inject, str(work_dir / "culprit"), case)
-                (work_dir / "migrate.json").write_text(json.dumps(result, indent=1, default=str))
+                write_atomic(work_dir / "migrate.json", json.dumps(result, indent=1, default=str), "--out")
                 repro = str(write_repro(result, work_dir / "test_repro.py"))
         else:
             say("4/4 the end-to-end result matches the reference: nothing to localize")
         res = DebugResult(name, backend.name, carved, tested, drift, verdict.as_dict(), loc, repro, None)
         if html_out:
-            from tapml.report import write_atomic
-
-            write_atomic(html_out, to_html(res))
+            write_atomic(html_out, to_html(res), "--html")
             res.html = str(html_out)
         return res
+    except BaseException:
+        if out_dir is None and work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)  # ours, and nothing in it is reported
+        raise
     finally:
         backend.close()
-
-
-def _open(target: str, remote: str | None, token_file: str | None):
-    if remote is None and target != "remote":
-        return target
-    from tapml.remote import open_backend
-
-    return open_backend(target, remote, token_file)
 
 
 def migration_json(loc: Localization, target: str, inject: str | None, store: str | None,

@@ -10,6 +10,7 @@ the instance), `bisect` (the shortest prefix of the run on the target that break
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -150,6 +151,7 @@ class Localization:
     note: str = ""
     drift: list[dict] = field(default_factory=list)  # per target op: call, op, local and accumulated error
     culprit_inputs: tuple | None = None  # host copies of the culprit's inputs (for the repro store)
+    culprit_store: str | None = None  # where `repro.save_migration` saved those inputs
 
     @property
     def exit_code(self) -> int:
@@ -278,6 +280,29 @@ def by_module(session: Session) -> tuple[int | None, RunResult | None]:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
+def check_settings(strategy: str = "bisect", tol: float = DEFAULT_TOL, max_new_tokens: int | None = None) -> None:
+    """The one check of the settings `localize`, `migrate` and `debug` share, made before anything runs: a NaN
+    tolerance fails every comparison (a false culprit), an infinite one passes every run, a negative one makes
+    an exact run diverge."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+        raise TapmlError(f"--tol must be a finite number > 0, e.g. 1e-4 (got {tol!r})")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise TapmlError(f"--max-new-tokens must be an integer ≥ 1 (got {max_new_tokens!r})")
+
+
+def open_target(target: str, remote: str | None = None, token_file: str | os.PathLike | None = None) -> str | Backend:
+    """The target a command named: its name (opened by `make_target`), or the backend `tapml serve` hosts at
+    `remote` (ws://HOST:PORT)."""
+    if remote is None and target != "remote":
+        return target
+    from tapml.remote import open_backend
+
+    return open_backend(target, remote, token_file)
+
+
 def make_target(name: str | Backend, inject: str | None = None) -> Backend:
     backend = get_backend(name) if isinstance(name, str) else name
     if inject:
@@ -287,7 +312,9 @@ def make_target(name: str | Backend, inject: str | None = None) -> Backend:
     return backend
 
 
-def _check_fault_hits_the_run(session: Session, inject: str | None) -> None:
+def check_fault_hits_the_run(session: Session, inject: str | None) -> None:
+    """A fault must hit the run: its op runs in the model (often enough for @N; in a decode step when
+    decode-only). Needs the session's reference run."""
     if not inject:
         return
     from tapml.testing.faults import parse_fault
@@ -315,12 +342,11 @@ def localize(workload: Workload, model: str, target: Backend, strategy: str = "b
              inject: str | None = None, store: str | None = None,
              on_trial: Callable[[str, E2EVerdict], None] | None = None) -> Localization:
     """Find the first op instance that breaks the end-to-end result on `target`."""
-    if strategy not in STRATEGIES:
-        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    check_settings(strategy, tol)
     start = time.perf_counter()
     session = Session(workload, target, tol, on_trial)
     golden = session.reference()
-    _check_fault_hits_the_run(session, inject)
+    check_fault_hits_the_run(session, inject)
     note = ""
     culprit, inputs = None, None
     if strategy == "carved":
@@ -376,19 +402,36 @@ def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | 
 
 def migrate(model: str, target: str, strategy: str = "bisect", inject: str | None = None,
             max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
-            on_trial: Callable[[str, E2EVerdict], None] | None = None) -> Localization:
-    """`tapml migrate`: load MODEL, wrap the target with the fault when asked, localize."""
-    if tol <= 0:
-        raise TapmlError(f"--tol must be > 0 (got {tol})")
-    if strategy not in STRATEGIES:
-        raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    backend = make_target(target, inject)
-    name, workload = load_workload(model, prompt, max_new_tokens)
+            on_trial: Callable[[str, E2EVerdict], None] | None = None, *, remote: str | None = None,
+            token_file: str | None = None, json_out: str | Path | None = None,
+            log: Callable[[str], None] | None = None) -> Localization:
+    """`tapml migrate`: load MODEL, wrap the target with the fault when asked, localize; with `json_out`, write
+    the result there and the culprit's inputs beside it (`<json_out without suffix>.culprit`, see
+    `repro.save_migration`). Every setting and path is checked before the target opens or the model runs."""
+    check_settings(strategy, tol, max_new_tokens)
+    if inject:
+        from tapml.testing.faults import parse_fault
+
+        parse_fault(inject)
+    if json_out is not None:
+        from tapml.migrate.repro import check_migration_out
+
+        check_migration_out(json_out)
+    backend = make_target(open_target(target, remote, token_file), inject)
     try:
-        return localize(workload, name, backend, strategy, tol, inject, on_trial=on_trial)
-    except TapmlError:
-        raise
-    except Exception as e:
-        raise TapmlError(f"model {name} raised {type(e).__name__} while running mixed: {e}") from None
+        name, workload = load_workload(model, prompt, max_new_tokens)
+        if log:
+            log(f"migrating {name} to {backend.name} ({strategy}) …")
+        try:
+            loc = localize(workload, name, backend, strategy, tol, inject, on_trial=on_trial)
+        except TapmlError:
+            raise
+        except Exception as e:
+            raise TapmlError(f"model {name} raised {type(e).__name__} while running mixed: {e}") from None
     finally:
         backend.close()
+    if json_out is not None:
+        from tapml.migrate.repro import save_migration
+
+        save_migration(loc, json_out, target, inject)
+    return loc

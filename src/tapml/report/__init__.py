@@ -5,6 +5,7 @@ Rendering only: results come from `tapml.replay`; nothing here runs ops or reads
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -13,40 +14,79 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from tapml.errors import TapmlError
+from tapml.paths import check_not_inside, check_output_file, same_file, short
 from tapml.replay import STATUSES, TestRun
 
 _COLORS = {"pass": "#2e7d32", "fail": "#c62828", "unsupported": "#9e9e9e", "error": "#ef6c00"}
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a report file whole or not at all."""
-    p = Path(path)
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, p)
+def write_atomic(path: str | os.PathLike, text: str, what: str = "output file") -> None:
+    """Write a file whole or not at all: a temp file beside it, renamed over it. Any failure is a one-line
+    TapmlError naming `what` (the option, e.g. "--json") and leaves nothing behind: no temp file, no folder
+    this call made."""
+    p = check_output_file(path, what)
+    made: list[Path] = []  # folders this call creates, removed again when the write fails
+    tmp, done = None, False
+    try:
+        missing = [a for a in [p.parent, *p.parent.parents] if not a.exists()]
+        for a in reversed(missing):
+            a.mkdir()
+            made.append(a)
+        # A short temp name: `p.name` may be near NAME_MAX already.
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tapml-", suffix=".tmp")
+        # backslashreplace: a path from a non-UTF-8 argv (surrogates) must not fail the write after the run.
+        with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make every report private to its writer
+        os.replace(tmp, p)
+        done = True
+    except OSError as e:
+        raise TapmlError(f"cannot write {what} {short(p)}: {e.strerror or e}; choose another path") from None
+    finally:
+        if not done:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            for a in reversed(made):
+                with contextlib.suppress(OSError):
+                    a.rmdir()
+
+
+def check_report_paths(json_out: str | os.PathLike | None, html_out: str | os.PathLike | None,
+                       store: str | os.PathLike | None = None) -> None:
+    """Check the report files of `tapml test` before the run they report on: each can be written (see
+    `paths.check_output_file`), outside the store it reads, and they are two files."""
+    for path, what in ((json_out, "--json"), (html_out, "--html")):
+        if path is not None:
+            check_output_file(path, what)
+            if store is not None:
+                check_not_inside(path, store, what, "the case store")
+    if json_out is not None and html_out is not None and same_file(json_out, html_out):
+        raise TapmlError(f"--json and --html name the same file {short(json_out)}; give two files")
 
 
 def print_summary(run: TestRun, console: Console | None = None, failures: int = 20) -> None:
     console = console or Console()
-    table = Table(title=f"{run.store} on {run.backend}", title_justify="left")
+    # Store paths, op names, modules and reasons are data: escaped, so a "[" in them is not read as rich markup.
+    table = Table(title=f"{escape(str(run.store))} on {escape(run.backend)}", title_justify="left")
     table.add_column("op")
     for s in STATUSES:
         table.add_column(s, justify="right", style={"pass": "green", "fail": "red", "error": "yellow",
                                                      "unsupported": "dim"}[s])
     table.add_column("calls", justify="right")
     for op, row in run.by_kind().items():
-        table.add_row(op, *[str(row[s] or "") for s in STATUSES], str(row["calls"]))
+        table.add_row(escape(op), *[str(row[s] or "") for s in STATUSES], str(row["calls"]))
     console.print(table)
     bad = [r for r in run.results if r.status in ("fail", "error")]
     for r in bad[:failures]:
         p = r.provenance
-        console.print(f"[red]{r.status.upper()}[/] {r.op} {r.args}  [dim]{p.get('module', '')} "
-                      f"{p.get('phase', '')} #{p.get('index', '')}[/]\n    {r.reason}", highlight=False)
+        console.print(f"[red]{r.status.upper()}[/] {escape(r.op)} {escape(str(r.args))}  "
+                      f"[dim]{escape(str(p.get('module', '')))} {escape(str(p.get('phase', '')))} "
+                      f"#{escape(str(p.get('index', '')))}[/]\n    {escape(str(r.reason))}", highlight=False)
     if len(bad) > failures:
         console.print(f"... and {len(bad) - failures} more failing cases (see --json/--html)")
     t = run.totals()

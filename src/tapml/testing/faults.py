@@ -10,6 +10,7 @@ Spec grammar: `[decode-only:]KIND[=PARAM]:OP[@N]`, e.g. `noise:aten.mm.default@3
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any
@@ -34,6 +35,9 @@ KINDS = {
     "dropmask": "the attention mask argument dropped (attn_mask=None)",
     "stalekv": "a stale KV-cache write: the appended slice of a cat (or an index_copy/index_put write) is lost",
 }
+
+
+_TAKES_PARAM = ("noise",)  # the kinds whose corruption has a size
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,14 @@ def parse_fault(spec: str) -> Fault:
         raise TapmlError(f"bad fault {spec!r}: unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     param = None
     if param_s:
+        if kind not in _TAKES_PARAM:
+            raise TapmlError(f"bad fault {spec!r}: {kind} takes no =PARAM (only {', '.join(_TAKES_PARAM)} does)")
         try:
             param = float(param_s)
         except ValueError:
             raise TapmlError(f"bad fault {spec!r}: {param_s!r} is not a number") from None
+        if not math.isfinite(param):  # NaN/inf noise is not noise: every output becomes NaN/inf
+            raise TapmlError(f"bad fault {spec!r}: {param_s!r} must be a finite number (e.g. noise=0.2)")
     op, at, idx = target.partition("@")
     index = None
     if at:

@@ -71,9 +71,12 @@ def quiet() -> Iterator[None]:
 # --- the on-disk artifact cache --------------------------------------------------------------------------
 
 def cache_root() -> Path:
-    """`$TAPML_CACHE_DIR`, else `~/.cache/tapml`."""
+    """`$TAPML_CACHE_DIR`, else `~/.cache/tapml`; a TAPML_CACHE_DIR that cannot be a directory is a one-line
+    TapmlError naming it, raised when the backend opens, before anything is compiled."""
+    from tapml.paths import check_output_dir
+
     env = os.environ.get("TAPML_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "tapml"
+    return check_output_dir(env, "TAPML_CACHE_DIR") if env else Path.home() / ".cache" / "tapml"
 
 
 class ArtifactCache:
@@ -84,7 +87,9 @@ class ArtifactCache:
     """
 
     def __init__(self, backend: str, root: Path | None = None):
-        self.dir = (root or cache_root()) / backend
+        from tapml.paths import check_output_dir
+
+        self.dir = check_output_dir((root or cache_root()) / backend, "the compile cache")
 
     def get(self, key: str) -> tuple[dict, Path] | None:
         path = self.dir / key
@@ -96,9 +101,13 @@ class ArtifactCache:
 
     def put(self, key: str, build: Callable[[Path], dict]) -> tuple[dict, Path]:
         """Run `build(tmpdir) -> meta` and publish the directory under `key`."""
-        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:  # full disk, permissions changed since the backend opened
+            raise TapmlError(f"cannot write the compile cache {self.dir} ({e.strerror or e}); set "
+                             "TAPML_CACHE_DIR to a writable directory") from None
         try:
             meta = build(tmp)
             (tmp / "meta.json").write_text(json.dumps(meta))

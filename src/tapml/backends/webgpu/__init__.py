@@ -50,6 +50,8 @@ class WebGPUBackend(Backend):
             return "the wgpu package is not installed (pip install 'tapml[webgpu]')"
         try:
             get_runtime()
+        except TapmlError as e:  # a bad setting (TAPML_WEBGPU_NO_F16=maybe): say that, not "no adapter"
+            return str(e)
         except Exception as e:  # no adapter, no Vulkan loader, ...
             return f"no WebGPU adapter: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         return None

@@ -187,6 +187,17 @@ class Stats:
     pool_misses: int = 0
 
 
+def _env_flag(name: str) -> bool:
+    """A yes/no environment variable: 1/true/yes or 0/false/no (or unset/empty). Anything else is refused, not
+    read as yes: TAPML_WEBGPU_NO_F16=0 turning f16 off would be the opposite of what was asked."""
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise TapmlError(f"{name} must be 1, true, yes, 0, false or no (or unset); got {os.environ[name]!r}")
+
+
 class RuntimeBase:
     """What the runtimes that run these kernels share: size-bucketed reuse of device buffers and the kernel
     cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and `finalize`, makes and
@@ -261,7 +272,7 @@ class Runtime(RuntimeBase):
         self.adapter = adapter
         self.info = dict(adapter.info)
         feats = set(adapter.features)
-        self.f16 = "shader-f16" in feats and not os.environ.get("TAPML_WEBGPU_NO_F16")
+        self.f16 = "shader-f16" in feats and not _env_flag("TAPML_WEBGPU_NO_F16")
         if int64 not in ("auto", "native", "narrow"):
             raise TapmlError(f"webgpu: int64 mode must be auto, native or narrow (got {int64!r})")
         if int64 == "native" and "shader-int64" not in feats:
