@@ -41,7 +41,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from tapml import zoo
-    from tapml.carve import carve
+    from tapml.recorder import carve
 
     torch.set_num_threads(1)  # the machines are shared and small: one thread keeps the ratio stable
     spec = zoo.get(a.model)

@@ -54,9 +54,10 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tapml.carve import load_workload
-    from tapml.migrate import Placement, localize, run_mixed
-    from tapml.migrate.localize import make_target
+    from tapml.backends import open_backend
+    from tapml.backends.faults import parse_fault
+    from tapml.migration import Placement, localize, run_mixed
+    from tapml.workload import load_workload
 
     name, workload = load_workload(a.model, None, a.tokens)
     trace = run_mixed(workload, None, Placement.none()).trace
@@ -70,8 +71,9 @@ def main() -> None:
     summary: dict[str, list[tuple[bool, int, float]]] = {s: [] for s in strategies}
     for spec, op, index in faults_for(trace):
         for strategy in strategies:
-            target = make_target("torch", spec)
-            loc = localize(workload, name, target, strategy, a.tol, spec)
+            fault = parse_fault(spec)
+            target = open_backend("torch", inject=fault)
+            loc = localize(workload, name, target, strategy=strategy, tol=a.tol, fault=fault)
             c = loc.culprit
             # An instance fault: that instance. A kind fault: an instance the fault corrupts (in a decode step
             # for decode-only faults); which one breaks the result first is what the localizer finds out.

@@ -56,7 +56,7 @@ def zoo_ops(stores: list[Path]) -> set[str]:
 
 def carve_zoo(root: Path) -> list[Path]:
     from tapml import zoo
-    from tapml.carve import carve
+    from tapml.recorder import carve
 
     out = []
     for spec in zoo.catalog():

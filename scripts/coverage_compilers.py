@@ -48,7 +48,7 @@ BEGIN, END = "<!-- compilers:begin -->", "<!-- compilers:end -->"
 
 
 def carve_all(models: list[str], stores: Path) -> None:
-    from tapml.carve import carve
+    from tapml.recorder import carve
 
     for m in models:
         if (stores / m / "cases.sqlite").exists() and stale_store(stores / m):

@@ -110,7 +110,7 @@ def probe(be, op: str, build: Callable, dt: torch.dtype) -> str:
 
 
 def zoo_rows(be, stores: str | None) -> list[tuple]:
-    from tapml.carve import carve
+    from tapml.recorder import carve
     from tapml.replay import run_tests
     from tapml.zoo import names
 

@@ -28,7 +28,7 @@ ZOO_NEW_TOKENS = 2  # prefill + one decode step: every phase kind is carved, CI 
 def zoo_stores(tmp_path_factory) -> dict[str, Path]:
     """Every zoo model carved once per session (shared by the reference and target-backend tests)."""
     from tapml import zoo
-    from tapml.carve import carve
+    from tapml.recorder import carve
 
     root = tmp_path_factory.mktemp("zoo-stores")
     out = {}

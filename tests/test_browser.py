@@ -142,8 +142,8 @@ def test_the_browser_runtime_keeps_the_native_runtimes_interface(browser):
 
 def test_a_mixed_run_of_zoo_llama_with_every_op_in_the_browser(browser):
     """`tapml debug --target webgpu-browser` style: many small run() calls, tensors resident in the page."""
-    from tapml.carve import load_workload
-    from tapml.migrate import Placement, run_mixed
+    from tapml.migration import Placement, run_mixed
+    from tapml.workload import load_workload
 
     _, w = load_workload("llama", max_new_tokens=2)
     ref = run_mixed(w, None, Placement.none())

@@ -12,10 +12,11 @@ import pytest
 import torch
 from conftest import MODELS, model_ref
 
-from tapml.carve import carve, load_workload
 from tapml.errors import TapmlError
+from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.store import CaseStore
+from tapml.workload import load_workload
 
 
 def test_tiny_model_yields_expected_op_kinds_and_counts(tmp_path, tiny):
@@ -276,7 +277,7 @@ def test_python_recorder_still_passes_the_tiny_model_checks(tmp_path, monkeypatc
 
 
 def test_without_the_native_hook_carving_warns_once_and_uses_the_python_mode(tmp_path, monkeypatch, capsys, tiny):
-    import tapml.carve as carve_mod
+    import tapml.recorder as carve_mod
     from tapml import _native
 
     def unavailable():
@@ -297,7 +298,7 @@ def test_the_heap_before_the_run_is_frozen_out_of_gc_only_while_recording(tmp_pa
     unfrozen, and a process that froze objects itself is left as it was."""
     import gc
 
-    from tapml.carve import Workload
+    from tapml.workload import Workload
 
     seen = []
 

@@ -231,7 +231,7 @@ def make_model():
 
 
 def test_carve_timeout_stops_the_run_and_keeps_no_store(tmp_path):
-    """`--timeout` reaches tapml.carve.carve: the run is stopped, one line, no store left."""
+    """`--timeout` reaches tapml.recorder.carve: the run is stopped, one line, no store left."""
     (tmp_path / "slow.py").write_text(_SLOW)
     r = tapml("carve", f"{tmp_path / 'slow.py'}:make_model", "--out", tmp_path / "s", "--timeout", "1",
               timeout=60)
@@ -359,12 +359,12 @@ def test_write_atomic_failure_is_one_line_and_leaves_nothing(tmp_path):
 def test_localize_refuses_a_tolerance_that_judges_nothing():
     """A NaN tolerance fails every comparison (a false culprit); the API refuses it, not just the CLI."""
     from tapml.errors import TapmlError
-    from tapml.migrate import localize
-    from tapml.migrate.localize import check_settings
+    from tapml.migration import localize
+    from tapml.migration.localize import check_settings
 
     for tol in (float("nan"), float("inf"), 0.0, -1.0):
         with pytest.raises(TapmlError, match="--tol"):
-            localize(None, "m", None, "bisect", tol)  # refused before it touches the workload or target
+            localize(None, "m", None, strategy="bisect", tol=tol)  # refused before it touches the workload or target
     with pytest.raises(TapmlError, match="unknown strategy"):
         check_settings("guess")
     with pytest.raises(TapmlError, match="--max-new-tokens"):

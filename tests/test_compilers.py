@@ -12,9 +12,9 @@ import torch
 from conftest import model_ref
 
 from tapml.backends import get_backend
-from tapml.carve import carve
 from tapml.errors import TapmlError
 from tapml.ops import OpCall
+from tapml.recorder import carve
 from tapml.replay import run_tests
 
 pytest.importorskip("onnxruntime")

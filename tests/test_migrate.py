@@ -13,13 +13,14 @@ import torch.utils._pytree as pytree
 from conftest import TAPML, model_ref
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tapml.backends import open_backend
+from tapml.backends.faults import parse_fault
 from tapml.backends.reference import TorchBackend
-from tapml.carve import load_workload
 from tapml.errors import TapmlError
-from tapml.migrate import Placement, compare_runs, localize, run_mixed
-from tapml.migrate.localize import Session, make_target
-from tapml.migrate.repro import save_culprit, write_repro
-from tapml.testing.faults import parse_fault
+from tapml.migration import Placement, compare_runs, localize, run_mixed
+from tapml.migration.localize import Session
+from tapml.migration.repro import save_culprit, write_repro
+from tapml.workload import load_workload
 
 MODELS = ["llama", "gpt2", "qwen2", "mistral"]
 MATMUL = {"gpt2": "aten.addmm.default"}
@@ -118,7 +119,7 @@ def test_a_target_with_dense_outputs_keeps_the_run_aligned(workloads):
 def test_all_on_the_reference_target_is_exact_and_aligned(workloads):
     w = workloads["llama"]
     golden = run_mixed(w, None, Placement.none(), keep_outputs=True)
-    run = run_mixed(w, make_target("torch"), Placement.all(), local_check=Placement(ops=frozenset(["aten.mm"])),
+    run = run_mixed(w, open_backend("torch"), Placement.all(), local_check=Placement(ops=frozenset(["aten.mm"])),
                     golden=golden.golden)
     assert run.trace == golden.trace  # call indices line up across runs
     assert run.on_target == run.calls
@@ -135,32 +136,32 @@ def test_all_on_the_reference_target_is_exact_and_aligned(workloads):
 
 def test_placement_by_kind_module_phase_and_range(workloads, traces):
     w, trace = workloads["gpt2"], traces["gpt2"]
-    run = run_mixed(w, make_target("torch"), Placement(ops=frozenset(["aten.addmm"]), phases=("decode:*",)))
+    run = run_mixed(w, open_backend("torch"), Placement(ops=frozenset(["aten.addmm"]), phases=("decode:*",)))
     assert {(r.op, r.phase.split(":")[0]) for r in run.records} == {("aten.addmm.default", "decode")}
-    run = run_mixed(w, make_target("torch"), Placement(modules=("transformer.h.1.*",)))
+    run = run_mixed(w, open_backend("torch"), Placement(modules=("transformer.h.1.*",)))
     assert run.records and all(r.module.startswith("transformer.h.1.") for r in run.records)
-    run = run_mixed(w, make_target("torch"), Placement(calls=range(10, 20)))
+    run = run_mixed(w, open_backend("torch"), Placement(calls=range(10, 20)))
     assert [r.call for r in run.records] == list(range(10, 20))
     assert run.crossings.uploads > 0 and run.crossings.downloads > 0  # tensors crossed at both boundaries
     p = Placement(ops=frozenset(["aten.addmm.default"]), op_indices=range(3))
-    assert [r.op_index for r in run_mixed(w, make_target("torch"), p).records] == [0, 1, 2]
+    assert [r.op_index for r in run_mixed(w, open_backend("torch"), p).records] == [0, 1, 2]
     assert len(trace) == len(run.trace)
 
 
 def test_in_place_ops_on_the_target_mutate_the_host_tensor():
     _, w = load_workload(model_ref("make_inplace"))
     golden = run_mixed(w, None, Placement.none())
-    run = run_mixed(w, make_target("torch", "noise=0.5:aten.add_.Tensor"), Placement.all())
+    run = run_mixed(w, open_backend("torch", inject="noise=0.5:aten.add_.Tensor"), Placement.all())
     assert [r.op for r in run.records] == ["aten.clone.default", "aten.add_.Tensor", "aten.mul_.Tensor"]
     assert not torch.equal(run.output, golden.output)  # the corrupted add_ landed in the mutated tensor
-    clean = run_mixed(w, make_target("torch"), Placement.all())
+    clean = run_mixed(w, open_backend("torch"), Placement.all())
     assert torch.equal(clean.output, golden.output)
 
 
 def test_local_vs_accumulated_error_along_the_run(workloads, traces):
     w = workloads["gpt2"]
     fault, op, k = _fault_for("noise", "gpt2", traces["gpt2"], w)
-    session = Session(w, make_target("torch", fault))
+    session = Session(w, open_backend("torch", inject=fault))
     run, v = session.trial(Placement.all(), local_check=Placement.all())
     assert not v.passed
     bad = next(r for r in run.records if r.op == op and r.op_index == k)
@@ -189,7 +190,8 @@ def test_composite_ops_alias_to_what_the_dispatcher_sees():
 
 def test_a_fault_on_an_op_the_model_never_runs_is_bad_input(workloads):
     with pytest.raises(TapmlError, match="never runs"):
-        localize(workloads["llama"], "llama", make_target("torch", "fp16:aten.softmax.int"), inject="fp16:aten.softmax.int")
+        fault = parse_fault("fp16:aten.softmax.int")
+        localize(workloads["llama"], "llama", open_backend("torch", inject=fault), fault=fault)
 
 
 # ----------------------------------------------------------------------------------------------- localizers
@@ -200,7 +202,8 @@ def test_a_fault_on_an_op_the_model_never_runs_is_bad_input(workloads):
 def test_bisect_names_the_faulty_instance_within_log2_runs(workloads, traces, model, kind):
     w, trace = workloads[model], traces[model]
     fault, op, k = _fault_for(kind, model, trace, w)
-    loc = localize(w, model, make_target("torch", fault), "bisect", tol=1e-6, inject=fault)
+    loc = localize(w, model, open_backend("torch", inject=fault), strategy="bisect", tol=1e-6,
+                   fault=parse_fault(fault))
     assert loc.culprit is not None, f"{fault} was not found"
     assert (loc.culprit.op, loc.culprit.index) == (op, k)
     assert loc.culprit.phase == trace[loc.culprit.call][3]
@@ -213,30 +216,32 @@ def test_bisect_names_the_faulty_instance_within_log2_runs(workloads, traces, mo
 @pytest.mark.parametrize("strategy", ["by-kind", "by-module"])
 def test_other_strategies_find_the_same_instance(workloads, traces, strategy):
     fault, op, k = _fault_for("noise", "qwen2", traces["qwen2"], workloads["qwen2"])
-    loc = localize(workloads["qwen2"], "qwen2", make_target("torch", fault), strategy, tol=1e-6, inject=fault)
+    loc = localize(workloads["qwen2"], "qwen2", open_backend("torch", inject=fault), strategy=strategy, tol=1e-6,
+                   fault=parse_fault(fault))
     assert (loc.culprit.op, loc.culprit.index) == (op, k)
 
 
 def test_carved_strategy_finds_kind_bugs_but_not_instance_bugs(workloads):
     w = workloads["gpt2"]
-    loc = localize(w, "gpt2", make_target("torch", "offbyone:aten.addmm.default"), "carved",
-                   inject="offbyone:aten.addmm.default")
+    fault = parse_fault("offbyone:aten.addmm.default")
+    loc = localize(w, "gpt2", open_backend("torch", inject=fault), strategy="carved", fault=fault)
     assert loc.culprit is not None and loc.culprit.op == "aten.addmm.default"
-    loc = localize(w, "gpt2", make_target("torch", "offbyone:aten.addmm.default@17"), "carved",
-                   inject="offbyone:aten.addmm.default@17")
+    fault = parse_fault("offbyone:aten.addmm.default@17")
+    loc = localize(w, "gpt2", open_backend("torch", inject=fault), strategy="carved", fault=fault)
     assert loc.culprit is None and "carved cases pass" in loc.note
 
 
 def test_no_divergence_on_a_correct_target(workloads):
-    loc = localize(workloads["gpt2"], "gpt2", make_target("torch"), "bisect")
+    loc = localize(workloads["gpt2"], "gpt2", open_backend("torch"), strategy="bisect")
     assert loc.culprit is None and loc.exit_code == 0 and loc.runs == 2
 
 
 def test_repro_file_replays_the_culprit_and_fails(tmp_path, workloads, traces):
     fault, _op, _k = _fault_for("offbyone", "gpt2", traces["gpt2"], workloads["gpt2"])
-    loc = localize(workloads["gpt2"], "gpt2", make_target("torch", fault), "bisect", tol=1e-6, inject=fault)
+    loc = localize(workloads["gpt2"], "gpt2", open_backend("torch", inject=fault), strategy="bisect", tol=1e-6,
+                   fault=parse_fault(fault))
     case = save_culprit(loc, tmp_path / "culprit")
-    from tapml.migrate.debug import migration_json
+    from tapml.migration.debug import migration_json
 
     path = write_repro(migration_json(loc, "torch", fault, str(tmp_path / "culprit"), case), tmp_path / "test_r.py")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],

@@ -14,9 +14,9 @@ import torch
 from conftest import TAPML
 
 from tapml.backends import get_backend
-from tapml.carve import carve
 from tapml.errors import TapmlError
 from tapml.ops import OpCall
+from tapml.recorder import carve
 from tapml.remote.client import RemoteBackend, RemoteTensor
 from tapml.remote.protocol import RemoteError, decode_frame, encode_frame, join_frame
 from tapml.remote.server import ServerThread
@@ -399,8 +399,8 @@ def test_prefetched_outputs_save_a_round_trip_and_never_go_stale(server):
 
 
 def test_a_mixed_run_of_zoo_llama_on_the_remote_target_matches_the_reference(server):
-    from tapml.carve import load_workload
-    from tapml.migrate import Placement, run_mixed
+    from tapml.migration import Placement, run_mixed
+    from tapml.workload import load_workload
 
     _, w = load_workload("llama", max_new_tokens=2)
     ref = run_mixed(w, None, Placement.none())
@@ -414,7 +414,7 @@ def test_a_mixed_run_of_zoo_llama_on_the_remote_target_matches_the_reference(ser
 
 
 def test_backend_options_are_given_where_the_backend_is_served(tmp_path):
-    from tapml.remote import open_backend
+    from tapml.backends import open_backend
     from tapml.remote.server import parse_options
 
     assert parse_options(["tf32=false", "target=llvm -mcpu=skylake", "n=3"]) == {

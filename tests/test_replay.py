@@ -6,8 +6,8 @@ from conftest import model_ref
 
 from tapml.backends import Backend
 from tapml.backends.reference import TorchBackend
-from tapml.carve import carve
 from tapml.ops import OpCall
+from tapml.recorder import carve
 from tapml.replay import run_tests
 
 

@@ -5,8 +5,8 @@ import sqlite3
 import pytest
 from conftest import model_ref
 
-from tapml.carve import carve
 from tapml.errors import TapmlError
+from tapml.recorder import carve
 from tapml.store import CaseStore
 
 
@@ -67,7 +67,7 @@ def test_failed_run_is_discarded_from_an_existing_store(tmp_path, tiny):
 
 def test_a_name_too_long_is_a_one_line_error_not_an_oserror(tmp_path):
     long = tmp_path / ("x" * 300)
-    with pytest.raises(TapmlError, match="File name too long"):
+    with pytest.raises(TapmlError, match="longer than the file system allows"):
         CaseStore.open(long)
     with pytest.raises(TapmlError, match="File name too long.*choose another --out"):
         CaseStore.create(long)

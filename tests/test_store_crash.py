@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import TAPML, model_ref
 
-from tapml.carve import Workload, carve
 from tapml.errors import TapmlError
+from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.store import CaseStore
+from tapml.workload import Workload
 
 # Forks children that create stores one after another, each SIGKILLed after a random delay (the parent imports
 # tapml once; a fork per kill keeps the loop to milliseconds).

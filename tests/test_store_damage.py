@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import TAPML, model_ref
 
-from tapml.carve import carve
 from tapml.errors import StoreCorrupt, TapmlError
+from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.store import CaseStore
 

@@ -13,8 +13,8 @@ import sys
 import pytest
 from conftest import TAPML
 
-from tapml.carve import carve
 from tapml.errors import TapmlError
+from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.store import CaseStore
 

@@ -362,8 +362,9 @@ def test_unsupported_is_reported_with_a_reason_never_run(be):
 
 
 def test_replay_reports_unsupported_cases_as_unsupported(be, tmp_path):
-    from tapml.carve import Workload, carve
+    from tapml.recorder import carve
     from tapml.replay import run_tests
+    from tapml.workload import Workload
 
     class Mixed(torch.nn.Module):
         def forward(self, x):

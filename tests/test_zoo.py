@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tapml import zoo
-from tapml.carve import carve
 from tapml.errors import TapmlError
+from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.store import CaseStore
 

@@ -48,21 +48,10 @@ def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or 
                                                help="stop the model run after this many seconds (its run is "
                                                     "discarded); torch frontend")) -> None:
     """Run MODEL on PyTorch and record every ATen op call into a case store."""
-    from tapml.carve import carve as do_carve
-    from tapml.paths import check_output_dir
+    from tapml.recorder import carve as do_carve
 
-    check_output_dir(out_dir, "--out")
-    if frontend == "tvm":
-        from tapml.frontends.tvm import carve_tvm
-
-        if timeout is not None:
-            raise TapmlError("--timeout applies to --frontend torch (the tvm frontend runs one compiled forward)")
-        r = carve_tvm(model, str(out_dir), prompt=prompt, samples=samples)
-    elif frontend == "torch":
-        r = do_carve(model, out_dir, prompt=prompt, max_new_tokens=max_new_tokens, samples=samples,
-                     progress=progress and sys.stderr.isatty(), timeout=timeout)
-    else:
-        raise TapmlError(f"unknown --frontend {frontend!r}; choose torch or tvm")
+    r = do_carve(model, out_dir, prompt=prompt, max_new_tokens=max_new_tokens, samples=samples, progress=progress,
+                 frontend=frontend, timeout=timeout)
     s = r.stats
     out.print(f"carved [bold]{escape(r.model)}[/]: {escape(r.description)}")
     out.print(f"  {r.calls} op calls -> {r.cases} signatures ({r.new_cases} new) in {r.seconds:.1f}s; "
@@ -75,15 +64,10 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
          cases: bool = typer.Option(False, "--cases", help="list every case too")) -> None:
     """Summarize a case store: cases, calls covered, op kinds, bytes, runs."""
     from tapml.ops import describe_signature
-    from tapml.paths import check_path
-    from tapml.store import CaseStore
+    from tapml.store import summarize
 
-    check_path(store, "STORE")
-    with CaseStore.open(store) as st:
-        s = st.stats()
-        runs = st.runs()
-        ops = st.op_table()
-        all_cases = st.cases() if cases else []
+    summary = summarize(store, cases)
+    s, runs, ops, all_cases = summary.stats, summary.runs, summary.ops, summary.cases
     out.print(f"[bold]{escape(str(store))}[/]: {s['cases']} cases covering {s['calls']} calls, {s['overloads']} "
               f"overloads, {s['samples']} samples, {s['blobs']} blobs ({_human(s['blob_bytes'])}), "
               f"{_human(s['disk_bytes'])} on disk")
@@ -120,27 +104,13 @@ def test(store: Path = typer.Argument(..., help="case store directory"),
                                                     "'llvm -opt-level=0', 'cuda'")
          ) -> None:
     """Replay every case on BACKEND; exit 0 when all supported cases pass, 1 when any fails."""
-    from tapml.paths import check_path
-    from tapml.remote import open_backend
     from tapml.replay import run_tests
-    from tapml.report import check_report_paths, print_summary, to_html, to_json, write_atomic
-    from tapml.store import CaseStore
+    from tapml.report import print_summary
 
-    check_path(store, "STORE")
-    check_report_paths(json_out, html_out, store)  # before the run: the reports are written after it
-    CaseStore.open(store).close()  # a bad store fails before the backend starts
-    if tvm_target is not None and backend != "tvm":
-        raise TapmlError(f"--tvm-target applies to --backend tvm, not {backend}")
-    be = open_backend(backend, remote, token_file, **({"target": tvm_target} if tvm_target else {}))
-    try:
-        run = run_tests(str(store), be, pattern=k, progress=progress and sys.stderr.isatty())
-    finally:
-        be.close()
+    run = run_tests(store, backend, pattern=k, progress=progress, remote=remote, token_file=token_file,
+                    backend_options={"target": tvm_target} if tvm_target else None, json_out=json_out,
+                    html_out=html_out)
     print_summary(run, out)
-    if json_out:
-        write_atomic(json_out, to_json(run), "--json")
-    if html_out:
-        write_atomic(html_out, to_html(run), "--html")
     raise typer.Exit(run.exit_code)
 
 
@@ -219,10 +189,10 @@ def migrate(model: str = typer.Argument(..., help="zoo name or path/to/file.py:m
             token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
     """Migrate MODEL to TARGET op by op and name the first op instance that breaks the result.
     Exit 0: no divergence; 1: a culprit was found."""
-    from tapml.migrate.localize import migrate as do_migrate
+    from tapml.migration.localize import migrate as do_migrate
 
-    loc = do_migrate(model, target, strategy, inject, max_new_tokens, prompt, tol, remote=remote,
-                     token_file=str(token_file) if token_file else None, json_out=json_out,
+    loc = do_migrate(model, target=target, strategy=strategy, inject=inject, max_new_tokens=max_new_tokens,
+                     prompt=prompt, tol=tol, remote=remote, token_file=token_file, json_out=json_out,
                      log=lambda s: err.print(s, markup=False),
                      on_trial=lambda p, v: err.print(f"  run: {p:<48.48} -> {'ok' if v.passed else 'BROKEN'} "
                                                      f"(rel. error {v.rel_error:.3g})", markup=False))
@@ -244,9 +214,9 @@ def migrate(model: str = typer.Argument(..., help="zoo name or path/to/file.py:m
 def repro(result: Path = typer.Argument(..., help="the JSON written by `tapml migrate --json`"),
           out_file: Path = typer.Option(Path("test_repro.py"), "--out", help="pytest file to write")) -> None:
     """Write a standalone pytest file replaying the culprit op on its backend with its real inputs."""
-    from tapml.migrate.repro import load_result, write_repro
+    from tapml.migration.repro import repro as do_repro
 
-    path = write_repro(load_result(result), out_file)
+    path = do_repro(result, out_file)
     out.print(f"wrote {path}; `pytest {path}` fails while the bug is there", markup=False)
 
 
@@ -262,10 +232,11 @@ def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:mak
           remote: str | None = typer.Option(None, "--remote", help="target the `tapml serve` at ws://HOST:PORT"),
           token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
     """The whole top-down flow: carve, test, migrate, localize, report."""
-    from tapml.migrate.debug import debug as do_debug
+    from tapml.migration.debug import debug as do_debug
 
-    res = do_debug(model, target, out_dir, inject, strategy, max_new_tokens, None, tol, html_out, remote,
-                   str(token_file) if token_file else None, log=lambda s: err.print(s, markup=False))
+    res = do_debug(model, target=target, out_dir=out_dir, inject=inject, strategy=strategy,
+                   max_new_tokens=max_new_tokens, tol=tol, html_out=html_out, remote=remote, token_file=token_file,
+                   log=lambda s: err.print(s, markup=False))
     t = res.tested.totals()
     out.print(f"carved tests on {escape(res.target)}: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} "
               f"unsupported, {t['error']} errors of {t['cases']} cases")

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from tapml.ops import op_kind
+
 # Scale of the absolute floor, relative to the oracle's RMS: a few ulps of the output dtype.
 _ATOL_ULPS = 8.0
 _EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -139,7 +141,7 @@ def _judge_uninitialized(out: Any, ref: Any) -> Verdict:
 
 def judge(op: str, args: tuple, out: Any, ref: Any, oracle: Any, random: bool = False) -> Verdict:
     """Judge an op's whole output pytree; the verdict fails on the first failing leaf and names it."""
-    kind = op.rsplit(".", 1)[0]
+    kind = op_kind(op)
     if kind in _UNINITIALIZED:
         return _judge_uninitialized(out, ref)
     tie = _TIE_OPS.get(op.removesuffix(".default"), _TIE_OPS.get(kind))
@@ -199,3 +201,44 @@ def _compare_scalar(o: Any, r: Any, g: Any) -> Verdict:
         return Verdict(ok, "scalar", {"value": o, "ref": r}, "" if ok else f"{o} != {r}")
     ok = o == r
     return Verdict(ok, "exact-scalar", {"value": repr(o), "ref": repr(r)}, "" if ok else f"{o!r} != {r!r}")
+
+
+def rel_rmse(a: Any, b: Any) -> float | None:
+    """RMS of (a - b) over RMS of b across the tensors of two pytrees (non-finite mismatches count 1 each);
+    None when they hold no comparable tensors. The local and accumulated error of a migrated op."""
+    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    if not la or len(la) != len(lb):
+        return None
+    num = den = 0.0
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return float("inf")
+        x, y = x.detach().double(), y.detach().double()
+        finite = torch.isfinite(y) & torch.isfinite(x)
+        num += float(((x - y)[finite] ** 2).sum()) + float((torch.isfinite(x) != torch.isfinite(y)).sum())
+        den += float((y[finite] ** 2).sum())
+    return (num / max(den, 1e-30)) ** 0.5 if den > 0 else num ** 0.5
+
+
+def rel_max(a: Any, b: Any) -> float:
+    """max |a - b| over max |a| across the tensors of two pytrees: inf when their structure, finiteness or an
+    integer tensor differs. The end-to-end error of a run against the reference."""
+    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
+    if len(la) != len(lb):
+        return math.inf
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if x.shape != y.shape:
+            return math.inf
+        if not x.is_floating_point():
+            worst = max(worst, 0.0 if torch.equal(x, y) else math.inf)
+            continue
+        x, y = x.double(), y.double()
+        if not torch.equal(torch.isfinite(x), torch.isfinite(y)):
+            return math.inf
+        m = torch.isfinite(x)
+        if m.any():
+            worst = max(worst, float((x[m] - y[m]).abs().max()) / max(float(x[m].abs().max()), 1e-12))
+    return worst

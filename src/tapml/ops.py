@@ -55,13 +55,18 @@ class OpCall:
     @property
     def kind(self) -> str:
         """The op kind without the overload: `aten.mm`."""
-        return self.op.rsplit(".", 1)[0]
+        return op_kind(self.op)
 
     def func(self) -> torch._ops.OpOverload:
         return resolve_op(self.op)
 
     def tensors(self) -> list[torch.Tensor]:
         return [x for x in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(x, torch.Tensor)]
+
+
+def op_kind(name: str) -> str:
+    """The op kind of an overload name, without the overload: `aten.mm.default` -> `aten.mm`."""
+    return name.rsplit(".", 1)[0]
 
 
 @cache

@@ -127,3 +127,16 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_report_paths(json_out: str | os.PathLike | None, html_out: str | os.PathLike | None,
+                       store: str | os.PathLike | None = None) -> None:
+    """Check the report files of `tapml test` before the run they report on: each can be written (see
+    `paths.check_output_file`), outside the store it reads, and they are two files."""
+    for path, what in ((json_out, "--json"), (html_out, "--html")):
+        if path is not None:
+            check_output_file(path, what)
+            if store is not None:
+                check_not_inside(path, store, what, "the case store")
+    if json_out is not None and html_out is not None and same_file(json_out, html_out):
+        raise TapmlError(f"--json and --html name the same file {short(json_out)}; give two files")

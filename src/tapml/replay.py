@@ -7,6 +7,7 @@ the whole run instead: it must never be charged to the backend. Rendering the re
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,11 +16,12 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from tapml.backends import Backend, get_backend
-from tapml.backends.reference import Float64Backend
+from tapml.backends import Backend, open_backend
+from tapml.backends.reference import oracle
 from tapml.compare import Verdict, judge
-from tapml.errors import TapmlError, UnknownOp
-from tapml.ops import OpCall, describe_signature
+from tapml.errors import TapmlError, UnknownOp, first_line
+from tapml.ops import OpCall, describe_signature, op_kind
+from tapml.progress import Bar
 from tapml.store import Case, CaseStore
 
 STATUSES = ("pass", "fail", "unsupported", "error")
@@ -42,7 +44,7 @@ class CaseResult:
 
     @property
     def kind(self) -> str:
-        return self.op.rsplit(".", 1)[0]
+        return op_kind(self.op)
 
     def as_dict(self) -> dict[str, Any]:
         return {"case": self.case_id, "op": self.op, "signature": self.signature, "args": self.args,
@@ -100,7 +102,7 @@ def _clone_keep_strides(t: torch.Tensor) -> torch.Tensor:
 
 def check_sample(backend: Backend, oracle: Backend, case: Case, call: OpCall) -> tuple[str, Verdict | None, str]:
     """Run one sample on `backend` and judge it. Returns (status, verdict, reason)."""
-    if case.random and not getattr(backend, "replays_torch_rng", False):
+    if case.random and not backend.replays_torch_rng:
         return "unsupported", None, "seeded random op: this backend cannot reproduce torch's CPU generator stream"
     try:
         reason = backend.supports(call)
@@ -111,7 +113,7 @@ def check_sample(backend: Backend, oracle: Backend, case: Case, call: OpCall) ->
     try:
         out = backend.execute(clone_call(call))
     except Exception as e:  # the backend's failure is the finding; keep its message
-        return "error", None, f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        return "error", None, f"{type(e).__name__}: {first_line(e, 500)}"
     ref_oracle = None
     if not case.random:
         try:
@@ -146,49 +148,53 @@ def run_case(store: CaseStore, backend: Backend, oracle: Backend, case: Case) ->
     return res
 
 
-def run_tests(store_path: str, backend: str | Backend, pattern: str | None = None,
-              progress: bool = True, on_result: Callable[[CaseResult], None] | None = None) -> TestRun:
-    """Replay every case of the store at `store_path` on `backend` (a registered name or an instance)."""
-    be = get_backend(backend) if isinstance(backend, str) else backend
-    oracle = Float64Backend(narrow=False)
+def run_tests(store: str | os.PathLike, backend: str | Backend, *, pattern: str | None = None,
+              progress: bool = True, on_result: Callable[[CaseResult], None] | None = None,
+              remote: str | None = None, token_file: str | os.PathLike | None = None, inject: str | None = None,
+              backend_options: dict[str, Any] | None = None, json_out: str | os.PathLike | None = None,
+              html_out: str | os.PathLike | None = None) -> TestRun:
+    """Replay every case of the store at `store` on `backend` and judge each against the fp64 oracle.
+
+    backend: an open Backend (left open), or a name opened here with `open_backend` (remote, token_file, inject,
+    backend_options; closed after). pattern: only ops matching it (substring, `not X`, `a or b`; it must match
+    some case). on_result(case result) after each case; progress draws a bar on a terminal. json_out / html_out:
+    reports written after the run, their paths checked before it. The store is checked before the backend opens.
+    """
+    from tapml.paths import check_report_paths
+
+    check_report_paths(json_out, html_out, store)
+    CaseStore.open(store).close()  # a bad store fails before the backend starts
+    be = backend if isinstance(backend, Backend) else open_backend(
+        backend, remote=remote, token_file=token_file, inject=inject, **(backend_options or {}))
+    try:
+        run = _replay(str(store), be, pattern, progress, on_result)
+    finally:
+        if be is not backend:
+            be.close()
+    if json_out is not None or html_out is not None:
+        from tapml.report import to_html, to_json, write_atomic
+
+        if json_out is not None:
+            write_atomic(json_out, to_json(run), "--json")
+        if html_out is not None:
+            write_atomic(html_out, to_html(run), "--html")
+    return run
+
+
+def _replay(store_path: str, be: Backend, pattern: str | None, progress: bool,
+            on_result: Callable[[CaseResult], None] | None) -> TestRun:
+    fp64 = oracle()
     start = time.perf_counter()
     with CaseStore.open(store_path) as store:
         cases = store.cases(pattern)
         if pattern is not None and not cases:  # a typo in -k must not read as "all passed"
             raise TapmlError(f"-k {pattern!r} matches no case of {store_path}; see `tapml show {store_path}`")
         results = []
-        with _bar(progress, len(cases), be.name) as advance:
+        with Bar(progress, "test", f"on {be.name}", len(cases), counts_bad=True) as bar:
             for case in cases:
-                r = run_case(store, be, oracle, case)
+                r = run_case(store, be, fp64, case)
                 results.append(r)
                 if on_result:
                     on_result(r)
-                advance(r)
-    return TestRun(str(store_path), be.name, results, time.perf_counter() - start)
-
-
-class _bar:
-    def __init__(self, enabled: bool, total: int, name: str):
-        self.enabled, self.total, self.name = enabled, total, name
-
-    def __enter__(self) -> Callable[[CaseResult], None]:
-        if not self.enabled:
-            return lambda r: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.p = Progress("[bold]test[/] {task.description}", BarColumn(), MofNCompleteColumn(),
-                          "[red]{task.fields[bad]} bad", TimeRemainingColumn(), console=Console(stderr=True))
-        self.p.__enter__()
-        task = self.p.add_task(f"on {self.name}", total=self.total, bad=0)
-        bad = [0]
-
-        def advance(r: CaseResult) -> None:
-            bad[0] += r.status in ("fail", "error")
-            self.p.update(task, advance=1, bad=bad[0])
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.p.__exit__(*exc)
+                bar.advance(bad=r.status in ("fail", "error"))
+    return TestRun(store_path, be.name, results, time.perf_counter() - start)

@@ -1,4 +1,5 @@
-"""The Backend interface and the entry-point registry (`tapml.backends`) through which every backend is found.
+"""The Backend interface, the entry-point registry (`tapml.backends`) through which every backend is found, and
+`open_backend`, the one way to open a target (here, remote, or with an injected fault).
 
 A backend runs OpCalls; it must not know about stores, verdicts or reports. Built-ins register the same way
 third-party backends do, in pyproject's `[project.entry-points."tapml.backends"]`.
@@ -6,15 +7,19 @@ third-party backends do, in pyproject's `[project.entry-points."tapml.backends"]
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from tapml.errors import TapmlError, UnknownOp
+from tapml.errors import TapmlError, UnknownOp, first_line
 from tapml.ops import OpCall
+
+if TYPE_CHECKING:
+    from tapml.backends.faults import Fault
 
 GROUP = "tapml.backends"
 
@@ -25,10 +30,20 @@ class Backend:
     Residency: `upload` turns a host tensor into whatever the backend keeps (a device buffer), `download`
     turns it back; `run` takes a call whose tensor leaves are such handles and returns handles, so a chain
     of target ops keeps its tensors on the device. `execute` is the host-in/host-out convenience.
+
+    Everything the core reads of a backend is declared here: `name`, `description`, `device` (where it runs, for
+    reports), `replays_torch_rng` (it replays a seeded random op's recorded CPU generator state exactly; others
+    report those cases unsupported), `supported_ops()`, and the methods below.
     """
 
     name = "?"
     description = ""
+    device: object = None
+    replays_torch_rng = False
+
+    def supported_ops(self) -> list[str] | None:
+        """The op overloads it can run, when it knows them up front (None: ask `supports` per call)."""
+        return None
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -109,5 +124,38 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def get_backend(name: str, **options: Any) -> Backend:
-    """Instantiate the backend registered as `name`; a one-line TapmlError when unknown or unusable."""
-    return backend_class(name)(**options)
+    """Instantiate the backend registered as `name`; a one-line TapmlError when unknown, unusable, or given an
+    option it does not take."""
+    cls = backend_class(name)
+    try:
+        return cls(**options)
+    except TypeError as e:
+        if options and "argument" in str(e):
+            raise TapmlError(f"backend {name} does not take the option(s) {', '.join(sorted(options))} "
+                             f"({first_line(e)})") from None
+        raise
+
+
+def open_backend(name: str, *, remote: str | None = None, token_file: str | os.PathLike | None = None,
+                 inject: str | Fault | None = None, **options: Any) -> Backend:
+    """The one way to open a target: the backend registered as `name` here, or with `remote` (ws://HOST:PORT)
+    the one `tapml serve` hosts there (`name` "remote" takes whatever it hosts; another name must match it),
+    wrapped with a known fault when `inject` is given (a spec such as `noise:aten.mm.default@3`, or a Fault).
+    `options` go to the backend's constructor; for a remote one they are set where it is served."""
+    from tapml.backends.faults import Fault, FaultyBackend, parse_fault
+
+    fault = parse_fault(inject) if isinstance(inject, str) else inject
+    if fault is not None and not isinstance(fault, Fault):
+        raise TapmlError(f"inject must be a fault spec such as noise:aten.mm.default@3, not {type(inject).__name__}")
+    if remote is not None:
+        if options:
+            raise TapmlError(f"options for backend {name} ({', '.join(sorted(options))}) are set where it is "
+                             "served (`tapml serve --option KEY=VALUE`), not with --remote")
+        backend = get_backend("remote", url=remote, token_file=token_file, expect=None if name == "remote" else name)
+    elif name == "remote":
+        backend = get_backend("remote", token_file=token_file, **options)
+    else:
+        if token_file is not None:
+            raise TapmlError(f"--token-file is for a remote target; backend {name} runs here (add --remote URL)")
+        backend = get_backend(name, **options)
+    return FaultyBackend(backend, fault) if fault is not None else backend

@@ -93,6 +93,11 @@ class Float64Backend(TorchBackend):
         return super().run(OpCall(call.op, args, kwargs, None, call.provenance, call.rng_state))
 
 
+def oracle() -> Float64Backend:
+    """The fp64 oracle every verdict is judged against: float64 all the way, outputs not narrowed back."""
+    return Float64Backend(narrow=False)
+
+
 def _meta_dtypes(call: OpCall) -> list:
     """The dtypes the op returns in its own precision, found by running it on meta tensors."""
     def to_meta(t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, first_line
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ForwardProgram:
             with torch.no_grad():
                 return torch.export.export(self.module, self.args, self.kwargs, strict=False)
         except Exception as e:
-            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise TapmlError(f"torch.export cannot capture {self.name}'s forward: {msg}") from None
 
 
@@ -98,9 +98,9 @@ def forward_program(model: str, prompt: str | None = None) -> ForwardProgram:
 
 
 def _user_program(ref: str) -> ForwardProgram:
-    from tapml.carve import _load_user_model
+    from tapml.workload import load_user_model
 
-    workload = _load_user_model(ref)
+    workload = load_user_model(ref)
     captured: dict[str, Any] = {}
 
     class _Stop(Exception):

@@ -11,17 +11,18 @@ Only the tvm backend runs these cases. It must not replay anything itself.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from typing import Any
 
 import torch
 
-from tapml.carve import CarveResult
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, first_line
 from tapml.frontends import forward_program
-from tapml.ops import Provenance, compact, content_hash, encode_args, signature, tensor_meta
-from tapml.store import CaseStore, PendingSample
+from tapml.ops import compact, content_hash, encode_args, signature, tensor_meta
+from tapml.recorder import CarveResult
+from tapml.store import CaseSpec, CaseStore, PendingSample
 
 
 def _static_writes(func: Any) -> set[int]:
@@ -65,21 +66,25 @@ def carve_tvm(model: str, out: str, *, prompt: str | None = None, samples: int =
         ex = tvm.compile(mod, target=tgt, relax_pipeline=tvm.transform.Sequential(
             cpu.dataflow_lower_passes(tgt) + cpu.finalize_passes(tgt)))
     except Exception as e:
-        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise TapmlError(f"TVM cannot import or build {prog.name}: {msg}") from None
     sources = {n: f.script() for n, f in kernels.items()}
     writes = {n: _static_writes(f) for n, f in kernels.items()}
     hashes = {n: content_hash(torch.frombuffer(bytearray(s.encode()), dtype=torch.uint8)) for n, s in sources.items()}
 
+    model_name, description = f"tvm:{prog.name}", f"TVM Relax VM (llvm) kernels of {prog.description}"
     store = CaseStore.create(out)
-    run_id = store.begin_run(f"tvm:{prog.name}", f"TVM Relax VM (llvm) kernels of {prog.description}",
-                             {"frontend": "tvm", "target": target, "samples": samples, "prompt": prompt})
-    sampled = store.sample_counts()
-    before_sigs = set(sampled)
-    known = store.known_blobs()
+    with contextlib.ExitStack() as guard:
+        guard.enter_context(store)  # a failure before the recording begins takes back the store if this made it
+        sampled = store.sample_counts()
+        before_sigs = set(sampled)
+        known = store.known_blobs()
+        recording = store.record(model_name, description, {"frontend": "tvm", "target": target,
+                                                           "samples": samples, "prompt": prompt})
+        guard.pop_all()
     blobs: dict[str, torch.Tensor] = {}
     pending: list[PendingSample] = []
-    counts: dict[str, list] = {}
+    cases: dict[str, CaseSpec] = {}
     state = {"calls": 0, "before": None}
 
     def put(t: torch.Tensor) -> list:
@@ -107,34 +112,35 @@ def carve_tvm(model: str, out: str, *, prompt: str | None = None, samples: int =
         op = f"tvm.{name}.k{hashes[name][:10]}"
         spec, tensors = encode_args(tuple(pre), {"source": src, "writes": written})
         sig = signature(op, spec, tensors)
-        entry = counts.setdefault(sig, [op, spec, [tensor_meta(t) for t in tensors], True, None, False, 0])
-        entry[6] += 1
+        case = cases.get(sig)
+        if case is None:
+            case = cases[sig] = CaseSpec(sig, op, spec, [tensor_meta(t) for t in tensors])
+        case.calls += 1
         if sampled.get(sig, 0) < samples:
             sampled[sig] = sampled.get(sig, 0) + 1
             outs = [post[i] for i in written]
             pending.append(PendingSample(
-                sig, op, spec, entry[2], True, None, False,
-                Provenance(run_id, f"relax:main/{name}", prog.phase, index), [put(t) for t in tensors],
-                {"spec": {"tuple": [{"T": i} for i in range(len(outs))]}, "tensors": [put(t) for t in outs]},
-                None))
+                sig, f"relax:main/{name}", prog.phase, index, [put(t) for t in tensors],
+                {"spec": {"tuple": [{"T": i} for i in range(len(outs))]}, "tensors": [put(t) for t in outs]}))
         return 0
 
     start = time.perf_counter()
     try:
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-        vm.set_instrument(instrument)
-        vm["main"](*[tvm.runtime.tensor(t.detach().contiguous().numpy()) for t in prog.inputs()])
-        store.commit(run_id, blobs, pending, {k: tuple(v) for k, v in counts.items()}, state["calls"])
-        store.finish_run(run_id, state["calls"])
+        with recording:  # the run completes on success; on any failure it is taken back (and the store, if new)
+            vm = relax.VirtualMachine(ex, tvm.cpu())
+            vm.set_instrument(instrument)
+            vm["main"](*[tvm.runtime.tensor(t.detach().contiguous().numpy()) for t in prog.inputs()])
+            recording.calls = state["calls"]
+            recording.put(blobs, pending, cases)
     except BaseException as e:
-        store.abandon(run_id)  # its rows and shards; the store too when this call created it and it holds no more
         if isinstance(e, (TapmlError, KeyboardInterrupt)):
             raise
         raise TapmlError(f"the TVM VM run of {prog.name} failed: {type(e).__name__}: {e}") from None
+    run_id = recording.run_id
     seconds = time.perf_counter() - start
     stats = store.stats()
     store.close()
-    new = len(set(counts) - before_sigs)
-    return CarveResult(str(out), run_id, f"tvm:{prog.name}", f"TVM Relax VM (llvm) kernels of {prog.description}",
-                       state["calls"], len(counts), new, stats["samples"], seconds, stats)
+    new = len(set(cases) - before_sigs)
+    return CarveResult(str(out), run_id, model_name, description, state["calls"], len(cases), new, stats["samples"],
+                       seconds, stats)
 

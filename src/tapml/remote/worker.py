@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from tapml.backends import Backend, get_backend
+from tapml.errors import first_line
 from tapml.ops import OpCall, encode_value
 from tapml.remote.oppolicy import OpPolicy
 from tapml.remote.protocol import (
@@ -78,7 +79,7 @@ def _call(fn: Callable[..., Any], *args: Any) -> Any:
     except ProtocolError:
         raise
     except Exception as e:
-        raise _BackendFailure(f"{type(e).__name__}: {e}".splitlines()[0][:500]) from None
+        raise _BackendFailure(f"{type(e).__name__}: {first_line(e, 500)}") from None
 
 
 def _kind(e: Exception) -> str:
@@ -151,7 +152,7 @@ class Session:
         except (ProtocolError, _BackendFailure) as e:
             reply, out = {"ok": False, "error": str(e), "kind": _kind(e)}, []
         except Exception as e:  # a bug of ours must not end the session; the client gets its message
-            reply, out = {"ok": False, "error": f"server error: {type(e).__name__}: {e}"[:500].splitlines()[0],
+            reply, out = {"ok": False, "error": f"server error: {type(e).__name__}: {first_line(e, 480)}",
                           "kind": "server"}, []
         reply["id"] = rid if isinstance(rid, (int, str)) and not isinstance(rid, bool) else None
         return reply, out
@@ -227,11 +228,10 @@ class Session:
 
     def r_info(self, req: dict, blobs: list, base: int) -> tuple[dict, list]:
         be = self.backend
-        ops = getattr(be, "supported_ops", None)
-        return {"backend": be.name, "description": be.description, "device": str(getattr(be, "device", "")),
-                "protocol": VERSION, "torch": torch.__version__,
-                "replays_torch_rng": bool(getattr(be, "replays_torch_rng", False)),
-                "ops": sorted(ops()) if callable(ops) else None,
+        ops = be.supported_ops()
+        return {"backend": be.name, "description": be.description, "device": str(be.device or ""),
+                "protocol": VERSION, "torch": torch.__version__, "replays_torch_rng": bool(be.replays_torch_rng),
+                "ops": sorted(ops) if ops is not None else None,
                 "max_message": self.limits.max_message,
                 "limits": {"max_session_bytes": self.limits.max_session_bytes,
                            "max_op_elements": self.limits.max_op_elements}}, []
@@ -418,7 +418,7 @@ def main(conn: Connection, backend: str, options: dict[str, Any], limits: Limits
     try:
         be = make_backend(backend, options)
     except Exception as e:
-        conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:500]}).encode())
+        conn.send_bytes(json.dumps({"error": f"{type(e).__name__}: {first_line(e, 500)}"}).encode())
         return
     conn.send_bytes(json.dumps({"ok": True, "backend": be.name}).encode())
     session = Session(be, limits)

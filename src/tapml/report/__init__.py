@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tapml.errors import TapmlError
-from tapml.paths import check_not_inside, check_output_file, same_file, short
+from tapml.paths import check_output_file, short
 from tapml.replay import STATUSES, TestRun
 
 _COLORS = {"pass": "#2e7d32", "fail": "#c62828", "unsupported": "#9e9e9e", "error": "#ef6c00"}
@@ -54,19 +54,6 @@ def write_atomic(path: str | os.PathLike, text: str, what: str = "output file") 
             for a in reversed(made):
                 with contextlib.suppress(OSError):
                     a.rmdir()
-
-
-def check_report_paths(json_out: str | os.PathLike | None, html_out: str | os.PathLike | None,
-                       store: str | os.PathLike | None = None) -> None:
-    """Check the report files of `tapml test` before the run they report on: each can be written (see
-    `paths.check_output_file`), outside the store it reads, and they are two files."""
-    for path, what in ((json_out, "--json"), (html_out, "--html")):
-        if path is not None:
-            check_output_file(path, what)
-            if store is not None:
-                check_not_inside(path, store, what, "the case store")
-    if json_out is not None and html_out is not None and same_file(json_out, html_out):
-        raise TapmlError(f"--json and --html name the same file {short(json_out)}; give two files")
 
 
 def print_summary(run: TestRun, console: Console | None = None, failures: int = 20) -> None:

@@ -1,1 +1,1 @@
-"""Test tooling built on the core: pytest export now, fault injection later; never imported by the core itself."""
+"""Test tooling built on the core: standalone pytest files exported from a store (`tapml export-pytest`); never imported by the core itself."""

@@ -19,8 +19,8 @@ _HEADER = '''"""Carved op tests: the cases CASES of the store STORE replayed on 
 
 import pytest
 
-from tapml.backends import get_backend
-from tapml.backends.reference import Float64Backend
+from tapml.backends import open_backend
+from tapml.backends.reference import oracle
 from tapml.replay import run_case
 from tapml.store import CaseStore
 
@@ -31,16 +31,16 @@ _BODY = '''
 @pytest.fixture(scope="module")
 def env():
     store = CaseStore.open(STORE)
-    backend = get_backend(BACKEND)
-    yield store, backend, Float64Backend(narrow=False), {c.id: c for c in store.cases()}
+    backend = open_backend(BACKEND)
+    yield store, backend, oracle(), {c.id: c for c in store.cases()}
     backend.close()
     store.close()
 
 
 @pytest.mark.parametrize("case_id", [c[0] for c in CASES], ids=[c[1] for c in CASES])
 def test_case(env, case_id):
-    store, backend, oracle, by_id = env
-    result = run_case(store, backend, oracle, by_id[case_id])
+    store, backend, fp64, by_id = env
+    result = run_case(store, backend, fp64, by_id[case_id])
     if result.status == "unsupported":
         pytest.skip(result.reason)
     assert result.status == "pass", f"{result.op} {result.args}: {result.status}: {result.reason}"
@@ -54,9 +54,9 @@ def export_pytest(store_path: str, backend: str, out: str, pattern: str | None =
     check_output_file(out, "--out")
     check_path(store_path, "STORE")
     check_not_inside(out, store_path, "--out", "the case store")
-    from tapml.backends import get_backend
+    from tapml.backends import open_backend
 
-    get_backend(backend).close()
+    open_backend(backend).close()  # it must be one that can run here
     with CaseStore.open(store_path) as store:
         cases = [(c.id, f"{c.id}-{c.op}") for c in store.cases(pattern)]
     if not cases:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import transformers as tf
 
-from tapml.carve import Workload
+from tapml.workload import Workload
 from tapml.zoo import ModelSpec, image_batch, left_pad, minilm_dir, prompt_texts, token_ids, tokenizer
 
 PAD = 0  # every small LLM config below reserves ids 0..3: pad 0, bos 1, eos 2

@@ -27,7 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from tapml.backends import Backend
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, first_line
 from tapml.ops import OpCall, Unserializable, decode_value, encode_args, encode_value, mutated_args
 
 # Ops whose result depends on the input's storage layout, which the dense arrays a compiled graph sees lack.
@@ -42,13 +42,6 @@ CACHE_FORMAT = 2
 
 class Unlowerable(Exception):
     """The stack cannot compile this graph; the message is the one-line reason reported as `unsupported`."""
-
-
-def first_line(e: BaseException | str, limit: int = 300) -> str:
-    text = str(e).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__ if
-                isinstance(e, BaseException) else "")
-    return line[:limit]
 
 
 @contextlib.contextmanager

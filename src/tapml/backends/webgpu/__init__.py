@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from tapml.backends import Backend
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, first_line
 from tapml.ops import OpCall
 
 _RUNTIMES: dict[str, Any] = {}
@@ -53,7 +53,7 @@ class WebGPUBackend(Backend):
         except TapmlError as e:  # a bad setting (TAPML_WEBGPU_NO_F16=maybe): say that, not "no adapter"
             return str(e)
         except Exception as e:  # no adapter, no Vulkan loader, ...
-            return f"no WebGPU adapter: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            return f"no WebGPU adapter: {first_line(e)}"
         return None
 
     def __init__(self, int64: str = "auto") -> None:

@@ -8,29 +8,32 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tapml.carve import CarveResult, carve, load_workload
+from tapml.backends import open_backend
+from tapml.backends.faults import parse_fault
 from tapml.errors import TapmlError
-from tapml.migrate.localize import (
+from tapml.migration.localize import (
     DEFAULT_TOL,
     Localization,
     Session,
     check_fault_hits_the_run,
     check_settings,
     localize,
-    make_target,
-    open_target,
 )
-from tapml.migrate.placement import Placement
-from tapml.migrate.repro import check_culprit_store, save_culprit, write_repro
+from tapml.migration.placement import Placement
+from tapml.migration.repro import check_culprit_store, save_culprit, write_repro
 from tapml.paths import check_output_dir, check_output_file, short
+from tapml.recorder import CarveResult, carve
 from tapml.replay import TestRun, run_tests
 from tapml.report import write_atomic
+from tapml.workload import load_workload
 
 
 @dataclass
@@ -51,18 +54,22 @@ class DebugResult:
         return 1 if bad or (self.localization and self.localization.culprit) or not self.e2e["passed"] else 0
 
 
-def debug(model: str, target: str, out_dir: str | Path | None = None, inject: str | None = None,
+def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, inject: str | None = None,
           strategy: str = "bisect", max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
-          html_out: str | Path | None = None, remote: str | None = None, token_file: str | None = None,
-          log: Any = None) -> DebugResult:
-    """Carve, test, run all on the target, localize, report. Settings and paths are checked before anything
-    runs; a temp work directory (no `out_dir`) is removed again when the flow fails."""
+          html_out: str | os.PathLike | None = None, remote: str | None = None,
+          token_file: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> DebugResult:
+    """The whole top-down flow on MODEL against TARGET: carve, replay the carved cases on the target, run the
+    model with every op on the target (checking each op against the reference on the same inputs), localize the
+    first op instance that breaks the end-to-end result, write its repro, and render the HTML report.
+
+    model, target, remote, token_file, inject, strategy, max_new_tokens, prompt, tol: as for `migrate`.
+    out_dir: keep the store, the migrate JSON, the culprit store and the repro there (else a temp dir, removed
+    again when the flow fails). html_out: the report. log(line): progress. Settings and paths are checked before
+    anything runs.
+    """
     say = log or (lambda s: None)
     check_settings(strategy, tol, max_new_tokens)
-    if inject:
-        from tapml.testing.faults import parse_fault
-
-        parse_fault(inject)
+    fault = parse_fault(inject) if inject else None
     if html_out is not None:
         check_output_file(html_out, "--html")
     if out_dir is not None:
@@ -71,7 +78,7 @@ def debug(model: str, target: str, out_dir: str | Path | None = None, inject: st
         for name in ("migrate.json", "test_repro.py"):
             check_output_file(work / name, "--out")
         check_culprit_store(work / "culprit", f"--out {short(work)}: its culprit store")
-    backend = make_target(open_target(target, remote, token_file), inject)
+    backend = open_backend(target, remote=remote, token_file=token_file, inject=fault)
     work_dir = Path(out_dir) if out_dir else None
     try:
         work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tapml-debug-"))
@@ -80,7 +87,7 @@ def debug(model: str, target: str, out_dir: str | Path | None = None, inject: st
         # The reference run first: a fault on an op the model never runs is bad input, refused before the carve
         # (else the flow would report a clean target).
         try:
-            check_fault_hits_the_run(session, inject)
+            check_fault_hits_the_run(session, fault)
         except TapmlError:
             raise
         except Exception as e:  # the model itself failed (as carve would report it)
@@ -96,7 +103,7 @@ def debug(model: str, target: str, out_dir: str | Path | None = None, inject: st
         loc, repro = None, None
         if not verdict.passed:
             say(f"4/4 the result diverges (rel. error {verdict.rel_error:.3g}); localizing with {strategy}")
-            loc = localize(workload, name, backend, strategy, tol, inject)
+            loc = localize(workload, name, backend, strategy=strategy, tol=tol, fault=fault)
             if loc.culprit is not None and loc.culprit_inputs is not None:
                 case = save_culprit(loc, work_dir / "culprit")
                 result = migration_json(loc, target, inject, str(work_dir / "culprit"), case)

@@ -20,11 +20,14 @@ from typing import Any
 
 import torch
 
-from tapml.backends import Backend, get_backend
-from tapml.carve import Workload, load_workload
+from tapml.backends import Backend, open_backend
+from tapml.backends.faults import Fault, parse_fault
+from tapml.compare import rel_max
 from tapml.errors import TapmlError
-from tapml.migrate.mixed import OpRecord, RunResult, run_mixed
-from tapml.migrate.placement import Placement
+from tapml.migration.mixed import OpRecord, RunResult, run_mixed
+from tapml.migration.placement import Placement
+from tapml.ops import OpCall, Provenance
+from tapml.workload import Workload, load_workload
 
 STRATEGIES = ("bisect", "by-kind", "by-module", "carved")
 DEFAULT_TOL = 1e-4
@@ -80,31 +83,8 @@ def compare_runs(golden: RunResult, run: RunResult, generates: bool, tol: float)
             rel = math.inf
         passed = first is None and rel <= tol
         return E2EVerdict(passed, rel, tol, first, steps)
-    rel = _rel_max(golden.output, run.output)
+    rel = rel_max(golden.output, run.output)
     return E2EVerdict(rel <= tol, rel, tol)
-
-
-def _rel_max(a: Any, b: Any) -> float:
-    import torch.utils._pytree as pytree
-
-    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
-    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
-    if len(la) != len(lb):
-        return math.inf
-    worst = 0.0
-    for x, y in zip(la, lb):
-        if x.shape != y.shape:
-            return math.inf
-        if not x.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(x, y) else math.inf)
-            continue
-        x, y = x.double(), y.double()
-        if not torch.equal(torch.isfinite(x), torch.isfinite(y)):
-            return math.inf
-        m = torch.isfinite(x)
-        if m.any():
-            worst = max(worst, float((x[m] - y[m]).abs().max()) / max(float(x[m].abs().max()), 1e-12))
-    return worst
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -293,60 +273,39 @@ def check_settings(strategy: str = "bisect", tol: float = DEFAULT_TOL, max_new_t
         raise TapmlError(f"--max-new-tokens must be an integer ≥ 1 (got {max_new_tokens!r})")
 
 
-def open_target(target: str, remote: str | None = None, token_file: str | os.PathLike | None = None) -> str | Backend:
-    """The target a command named: its name (opened by `make_target`), or the backend `tapml serve` hosts at
-    `remote` (ws://HOST:PORT)."""
-    if remote is None and target != "remote":
-        return target
-    from tapml.remote import open_backend
-
-    return open_backend(target, remote, token_file)
-
-
-def make_target(name: str | Backend, inject: str | None = None) -> Backend:
-    backend = get_backend(name) if isinstance(name, str) else name
-    if inject:
-        from tapml.testing.faults import FaultyBackend, parse_fault
-
-        backend = FaultyBackend(backend, parse_fault(inject))
-    return backend
-
-
-def check_fault_hits_the_run(session: Session, inject: str | None) -> None:
+def check_fault_hits_the_run(session: Session, fault: Fault | None) -> None:
     """A fault must hit the run: its op runs in the model (often enough for @N; in a decode step when
     decode-only). Needs the session's reference run."""
-    if not inject:
+    if fault is None:
         return
-    from tapml.testing.faults import parse_fault
-
-    fault = parse_fault(inject)
     trace = session.reference().trace
     counts: dict[str, int] = {}
     for op, *_ in trace:
         counts[op] = counts.get(op, 0) + 1
-    from tapml.ops import OpCall, Provenance
-
     phase = "decode:0" if fault.decode_only else "forward"
     hits = [op for op in counts
             if fault.applies(OpCall(op, (), {}, None, Provenance(phase=phase, op_index=fault.index)))]
+    spec = fault.spec
     if not hits:
         common = ", ".join(sorted(counts, key=lambda o: -counts[o])[:8])
-        raise TapmlError(f"--inject {inject}: {fault.op} never runs in this model; its most frequent ops: {common}")
+        raise TapmlError(f"--inject {spec}: {fault.op} never runs in this model; its most frequent ops: {common}")
     if fault.index is not None and all(counts[op] <= fault.index for op in hits):
-        raise TapmlError(f"--inject {inject}: {hits[0]} runs only {counts[hits[0]]} times (@0..@{counts[hits[0]] - 1})")
+        raise TapmlError(f"--inject {spec}: {hits[0]} runs only {counts[hits[0]]} times (@0..@{counts[hits[0]] - 1})")
     if fault.decode_only and not any(p.startswith("decode:") for _op, _k, _m, p in trace):
-        raise TapmlError(f"--inject {inject}: decode-only faults need a generating model with --max-new-tokens ≥ 2")
+        raise TapmlError(f"--inject {spec}: decode-only faults need a generating model with --max-new-tokens ≥ 2")
 
 
-def localize(workload: Workload, model: str, target: Backend, strategy: str = "bisect", tol: float = DEFAULT_TOL,
-             inject: str | None = None, store: str | None = None,
+def localize(workload: Workload, model: str, target: Backend, *, strategy: str = "bisect", tol: float = DEFAULT_TOL,
+             fault: Fault | None = None, store: str | None = None,
              on_trial: Callable[[str, E2EVerdict], None] | None = None) -> Localization:
-    """Find the first op instance that breaks the end-to-end result on `target`."""
+    """Find the first op instance of `workload` that breaks the end-to-end result on `target` (an open backend,
+    with `fault` injected when it is a FaultyBackend: the fault must hit the run). `store`: where the `carved`
+    strategy carves (a temp dir when None)."""
     check_settings(strategy, tol)
     start = time.perf_counter()
     session = Session(workload, target, tol, on_trial)
     golden = session.reference()
-    check_fault_hits_the_run(session, inject)
+    check_fault_hits_the_run(session, fault)
     note = ""
     culprit, inputs = None, None
     if strategy == "carved":
@@ -376,7 +335,7 @@ def localize(workload: Workload, model: str, target: Backend, strategy: str = "b
 
 
 def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | None, str]:
-    from tapml.carve import carve
+    from tapml.recorder import carve
     from tapml.replay import run_tests
 
     with tempfile.TemporaryDirectory(prefix="tapml-carved-") as tmp:
@@ -400,30 +359,34 @@ def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | 
             f"{len(bad)} of {len(result.results)} carved cases fail; the first by position in the run is named")
 
 
-def migrate(model: str, target: str, strategy: str = "bisect", inject: str | None = None,
-            max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
-            on_trial: Callable[[str, E2EVerdict], None] | None = None, *, remote: str | None = None,
-            token_file: str | None = None, json_out: str | Path | None = None,
+def migrate(model: str, *, target: str, strategy: str = "bisect", inject: str | None = None,
+            max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL, remote: str | None = None,
+            token_file: str | os.PathLike | None = None, json_out: str | os.PathLike | None = None,
+            on_trial: Callable[[str, E2EVerdict], None] | None = None,
             log: Callable[[str], None] | None = None) -> Localization:
-    """`tapml migrate`: load MODEL, wrap the target with the fault when asked, localize; with `json_out`, write
-    the result there and the culprit's inputs beside it (`<json_out without suffix>.culprit`, see
-    `repro.save_migration`). Every setting and path is checked before the target opens or the model runs."""
-    check_settings(strategy, tol, max_new_tokens)
-    if inject:
-        from tapml.testing.faults import parse_fault
+    """Migrate MODEL to TARGET op by op and name the first op instance that breaks the end-to-end result.
 
-        parse_fault(inject)
+    model: a zoo name or path/to/file.py:make_model. target: a registered backend (with `remote`, the one the
+    `tapml serve` at ws://HOST:PORT hosts; `token_file` for it). strategy: bisect | by-kind | by-module | carved.
+    inject: a fault spec (`noise:aten.mm.default@3`, see `tapml.backends.faults`) to watch localization work.
+    max_new_tokens / prompt: the LLM workload. tol: end-to-end tolerance, max |Δ| / max |reference|.
+    json_out: write the result there, and the culprit's inputs beside it (`<json_out without suffix>.culprit`)
+    for `tapml repro`. on_trial(placement, verdict) after each model run; log(line) for progress.
+    Every setting and path is checked before the target opens or the model runs.
+    """
+    check_settings(strategy, tol, max_new_tokens)
+    fault = parse_fault(inject) if inject else None
     if json_out is not None:
-        from tapml.migrate.repro import check_migration_out
+        from tapml.migration.repro import check_migration_out
 
         check_migration_out(json_out)
-    backend = make_target(open_target(target, remote, token_file), inject)
+    backend = open_backend(target, remote=remote, token_file=token_file, inject=fault)
     try:
         name, workload = load_workload(model, prompt, max_new_tokens)
         if log:
             log(f"migrating {name} to {backend.name} ({strategy}) …")
         try:
-            loc = localize(workload, name, backend, strategy, tol, inject, on_trial=on_trial)
+            loc = localize(workload, name, backend, strategy=strategy, tol=tol, fault=fault, on_trial=on_trial)
         except TapmlError:
             raise
         except Exception as e:
@@ -431,7 +394,7 @@ def migrate(model: str, target: str, strategy: str = "bisect", inject: str | Non
     finally:
         backend.close()
     if json_out is not None:
-        from tapml.migrate.repro import save_migration
+        from tapml.migration.repro import save_migration
 
         save_migration(loc, json_out, target, inject)
     return loc

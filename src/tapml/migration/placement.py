@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
+from tapml.ops import op_kind
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -41,7 +43,7 @@ class Placement:
             return False
         if self.op_indices is not None and op_index not in self.op_indices:
             return False
-        if self.ops is not None and not any(op == p or op.rsplit(".", 1)[0] == p or fnmatchcase(op, p)
+        if self.ops is not None and not any(op == p or op_kind(op) == p or fnmatchcase(op, p)
                                             for p in self.ops):
             return False
         if self.modules is not None and not any(fnmatchcase(module, g) for g in self.modules):

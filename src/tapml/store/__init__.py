@@ -10,8 +10,6 @@ hash when loaded. Nothing outside this module knows the layout; it must not dele
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -23,41 +21,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import quote
 
 import safetensors
 import torch
 
 from tapml.errors import StoreCorrupt, TapmlError
-from tapml.ops import OpCall, Provenance, canonical_json, content_hash, decode_args, decode_value, rebuild
+from tapml.ops import OpCall, Provenance, content_hash, decode_args, decode_value, op_kind, rebuild
+from tapml.paths import check_path
+from tapml.store import _files
+from tapml.store._batch import Batch, CaseSpec, PendingSample
+from tapml.store._files import FORMAT, VERSION
+from tapml.store._recording import Recording
 
-FORMAT = "tapml-casestore"
-VERSION = 1
-_DB = "cases.sqlite"
-_LOCK = "carve.lock"  # flock'ed by the one writer; stays in the store
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs(
-    id INTEGER PRIMARY KEY, model TEXT NOT NULL, description TEXT, options TEXT, torch TEXT,
-    started REAL, finished REAL, status TEXT NOT NULL, calls INTEGER DEFAULT 0);
-CREATE TABLE IF NOT EXISTS cases(
-    id INTEGER PRIMARY KEY, signature TEXT UNIQUE NOT NULL, op TEXT NOT NULL, spec TEXT NOT NULL,
-    metas TEXT NOT NULL, replayable INTEGER NOT NULL, reason TEXT, random INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS occurrences(
-    case_id INTEGER NOT NULL, run_id INTEGER NOT NULL, count INTEGER NOT NULL,
-    PRIMARY KEY(case_id, run_id));
-CREATE TABLE IF NOT EXISTS samples(
-    id INTEGER PRIMARY KEY, case_id INTEGER NOT NULL, run_id INTEGER NOT NULL, module TEXT, phase TEXT,
-    call_index INTEGER, inputs TEXT NOT NULL, outputs TEXT NOT NULL, rng TEXT);
-CREATE TABLE IF NOT EXISTS blobs(
-    hash TEXT PRIMARY KEY, shard TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
-    nbytes INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS samples_case ON samples(case_id);
-"""
-
-# safetensors cannot hold these dtypes; their bytes are stored as uint8 and viewed back on load.
-_RAW_DTYPES = {torch.complex64, torch.complex128, torch.uint16, torch.uint32, torch.uint64}
+__all__ = ["FORMAT", "VERSION", "Batch", "Case", "CaseSpec", "CaseStore", "PendingSample", "Recording", "Sample",
+           "StoreSummary", "summarize"]
 
 
 @dataclass
@@ -78,7 +55,7 @@ class Case:
 
     @property
     def kind(self) -> str:
-        return self.op.rsplit(".", 1)[0]
+        return op_kind(self.op)
 
 
 @dataclass
@@ -89,178 +66,6 @@ class Sample:
     inputs: list  # [[hash, meta], ...]
     outputs: dict  # {"spec": json, "tensors": [[hash, meta], ...]}
     rng: str | None
-
-
-@dataclass
-class PendingSample:
-    """A sample the Recorder has captured but not yet committed; blobs are referenced by hash."""
-
-    signature: str
-    op: str
-    spec: Any
-    metas: list[dict]
-    replayable: bool
-    reason: str | None
-    random: bool
-    provenance: Provenance
-    inputs: list
-    outputs: dict
-    rng: str | None
-
-
-class Batch:
-    """One commit, prepared in the thread that records: blobs laid out for safetensors and every row encoded as
-    one JSON array per table, which SQLite unpacks itself (json_each). The writer thread's `commit_batch` is
-    then file and SQLite I/O that takes the GIL a handful of times, not once per row: on a busy interpreter each
-    hand-over of the GIL costs the recording thread a thread switch.
-
-    `cases`: [signature, op, spec JSON, metas JSON, replayable, reason, random] for each case the store may not
-    hold yet; `counts`: [signature, calls since the last commit]; `samples`: [signature, module, phase,
-    call index, inputs, outputs, rng hash].
-    """
-
-    def __init__(self, blobs: dict[str, torch.Tensor], cases: list[list], counts: list[list],
-                 samples: list[list]):
-        self.blobs = blobs
-        self.n_counts, self.n_samples = len(counts), len(samples)
-        # The specs point into the (contiguous) tensors' memory, flat; no torch op runs here, since a Recorder
-        # builds batches while it records.
-        self.specs: dict[str, Any] = {}
-        rows = []
-        for h, t in blobs.items():
-            if not t.is_contiguous():
-                raise ValueError(f"blob {h} is not contiguous")
-            n, nbytes = t.numel(), t.numel() * t.element_size()
-            dtype = str(t.dtype).removeprefix("torch.")
-            rows.append([h, dtype, f"[{n}]", nbytes])
-            raw = t.dtype in _RAW_DTYPES  # stored as bytes
-            self.specs[h] = safetensors.TensorSpec(dtype="uint8" if raw else dtype, shape=[nbytes if raw else n],
-                                                   data_ptr=t.data_ptr(), data_len=nbytes)
-        self.blobs_json = json.dumps(rows)
-        self.cases_json = json.dumps(cases) if cases else None
-        self.counts_json = json.dumps(counts)
-        self.samples_json = json.dumps(samples)
-
-    @classmethod
-    def encode(cls, blobs: dict[str, torch.Tensor], samples: list[PendingSample],
-               counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]]) -> Batch:
-        """From captured samples and `counts` (signature -> (op, spec, metas, replayable, reason, random, n))."""
-        enc = canonical_json  # as the Recorder stores them (the halves of the signature's text)
-        cases = {sig: [sig, op, enc(spec), enc(metas), replayable, reason, random]
-                 for sig, (op, spec, metas, replayable, reason, random, _) in counts.items()}
-        for x in samples:
-            if x.signature not in cases:
-                cases[x.signature] = [x.signature, x.op, enc(x.spec), enc(x.metas), x.replayable, x.reason,
-                                      x.random]
-        rows = [[x.signature, x.provenance.module, x.provenance.phase, x.provenance.index, x.inputs, x.outputs,
-                 x.rng] for x in samples]
-        return cls(blobs, list(cases.values()), [[sig, v[6]] for sig, v in counts.items()], rows)
-
-
-def _fsync(path: Path) -> None:
-    """fsync a file or (for a rename to be durable) a directory."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _side_file(name: str) -> bool:
-    """SQLite's -wal/-shm of cases.sqlite, or a temp database of a creation (and its side files)."""
-    return name in (f"{_DB}-wal", f"{_DB}-shm") or (name.startswith(f"{_DB}.") and ".tmp" in name)
-
-
-def _leftover(p: Path) -> bool:
-    """`p` holds at most what an unfinished creation (or the removal of a failed carve's store) leaves: the lock
-    file, side files, a blobs/ folder of shards and temp shards. No complete store."""
-    return all(e.name == _LOCK or _side_file(e.name) or (e.name == "blobs" and e.is_dir() and all(
-        f.suffix in (".safetensors", ".tmp") for f in e.iterdir())) for e in p.iterdir())
-
-
-def _lock(p: Path) -> int:
-    """Take the store's writer lock without waiting; its file descriptor (closing it releases the lock)."""
-    path = p / _LOCK
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise TapmlError(f"cannot write to {p} ({e.strerror}); choose another --out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise TapmlError(f"{p} is being written by another carve (it holds {path}); wait for it to finish "
-                             "or choose another --out") from None
-        except OSError as e:
-            os.close(fd)
-            raise TapmlError(f"cannot lock {path} ({e.strerror}); choose another --out") from None
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        os.close(fd)  # a failed carve removed the file after we opened it: lock the one there now
-
-
-def _create_db(p: Path) -> None:
-    """Build cases.sqlite (schema, meta rows, WAL mode) under a temp name and rename it into place: a SIGKILL at
-    any point leaves either no cases.sqlite or a complete one. Called with the lock held."""
-    for f in p.iterdir():  # dead writers' files: an earlier creation's temp database, a removed store's -wal/-shm
-        if _side_file(f.name):
-            f.unlink(missing_ok=True)  # (a stale -wal would be replayed into the new database)
-    tmp = p / f"{_DB}.{uuid.uuid4().hex}.tmp"
-    try:
-        db = sqlite3.connect(tmp)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")  # kept in the file's header
-            db.executescript(f"BEGIN;{_SCHEMA}INSERT INTO meta VALUES ('format', '{FORMAT}'),"
-                             f" ('version', '{VERSION}');COMMIT;")
-        finally:
-            db.close()  # the only connection: checkpoints and removes the temp -wal
-        _fsync(tmp)
-        os.replace(tmp, p / _DB)
-        _fsync(p)
-    except (OSError, sqlite3.Error) as e:
-        raise TapmlError(f"cannot create a case store in {p} ({e}); choose another --out") from None
-    finally:
-        for side in ("", "-journal", "-wal", "-shm"):
-            Path(f"{tmp}{side}").unlink(missing_ok=True)
-
-
-def _remove_files(p: Path, lock: int, made_dir: bool) -> None:
-    """Remove a store that its own handle created and that holds nothing else: cases.sqlite first (the store is
-    gone at once; a SIGKILL later leaves only leftovers a new carve accepts), SQLite's side files, the empty
-    blobs/, the lock file (then the lock), and the directory when that handle made it and it is empty."""
-    for name in (_DB, f"{_DB}-wal", f"{_DB}-shm"):
-        (p / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        (p / "blobs").rmdir()
-    (p / _LOCK).unlink(missing_ok=True)
-    os.close(lock)
-    if made_dir:
-        with contextlib.suppress(OSError):
-            p.rmdir()
-
-
-def _read_only(p: Path) -> sqlite3.Connection:
-    """A connection that cannot write. `mode=ro` keeps SQLite's locking, so a store can be read while a carve
-    appends to it (SQLite may leave its empty -wal/-shm coordination files); where the directory cannot be written
-    (read-only media, another user's store) SQLite cannot make the -shm file WAL readers need, and the database is
-    opened `immutable` instead: the reader takes no part in locking there, so it must not overlap a carve into the
-    store (one by a user who can write there would be read half-done)."""
-    uri = "file:" + quote(str((p / _DB).absolute()))
-    db = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=30, check_same_thread=False)
-    try:
-        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-        return db
-    except sqlite3.DatabaseError as e:
-        db.close()
-        if not isinstance(e, sqlite3.OperationalError) or os.access(p, os.W_OK):
-            raise
-    wal = p / f"{_DB}-wal"
-    if wal.exists() and wal.stat().st_size > 0:  # committed rows an immutable open would not see
-        raise TapmlError(f"{p} is read-only and its last commits are still in {wal.name}, which SQLite cannot "
-                         "read there without its -shm file: copy the store somewhere writable and open it once")
-    return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
 
 def _sql(method: Callable) -> Callable:
@@ -288,6 +93,7 @@ class CaseStore:
         self.db = db
         self.created = created  # this handle made cases.sqlite (and `made_dir`: the directory too)
         self._lock, self._made_dir = lock, made_dir
+        self._closed = False
         self._shards: OrderedDict[str, Any] = OrderedDict()
         self._verified: set[str] = set()  # blobs whose content hash was checked since opening
         self._written: dict[int, list[str]] = {}  # run -> shards this handle wrote for it
@@ -301,23 +107,23 @@ class CaseStore:
         try:  # (a name too long, a folder that cannot be read: OSError from the first look)
             if p.exists() and not p.is_dir():
                 raise TapmlError(f"{p} exists and is not a directory; choose another --out")
-            if p.is_dir() and not (p / _DB).exists() and not _leftover(p):
+            if p.is_dir() and not (p / _files.DB).exists() and not _files.leftover(p):
                 raise TapmlError(f"{p} is a non-empty directory that is not a TapML case store; choose another "
                                  "--out")
             made_dir = not p.exists()
             p.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TapmlError(f"cannot create a case store at {p} ({e.strerror}); choose another --out") from None
-        lock = _lock(p)
+        lock = _files.lock(p)
         store = None
         try:
             (p / "blobs").mkdir(exist_ok=True)
-            if (p / _DB).exists():
+            if (p / _files.DB).exists():
                 store = cls(p, cls._connect(p), lock, False, made_dir)
             if store is None or store._tableless():  # an older tapml's creation, killed before its schema
                 if store is not None:
                     store.db.close()
-                _create_db(p)
+                _files.create_db(p)
                 store = cls(p, cls._connect(p), lock, True, made_dir)
             store._check()
             return store
@@ -325,7 +131,7 @@ class CaseStore:
             if store is not None:
                 store.db.close()
             if made_dir:  # nothing but what this call made is in it
-                _remove_files(p, lock, True)
+                _files.remove_files(p, lock, True)
             else:
                 os.close(lock)
             raise
@@ -333,23 +139,23 @@ class CaseStore:
     @classmethod
     def open(cls, path: str | os.PathLike) -> CaseStore:
         """Open the store at `path` for reading; nothing done through it writes to the store."""
-        p = Path(path)
+        p = check_path(path, "STORE")
         try:
             if not p.exists():
                 raise TapmlError(f"no case store at {p}: carve one first with `tapml carve MODEL --out {p}`")
-            if not (p / _DB).is_file():
-                if p.is_dir() and any(p.iterdir()) and _leftover(p):
+            if not (p / _files.DB).is_file():
+                if p.is_dir() and any(p.iterdir()) and _files.leftover(p):
                     raise TapmlError(f"{p} holds no complete case store (a carve into it was interrupted before it "
                                      f"made one, or is making one now); carve again with --out {p}")
-                raise TapmlError(f"{p} is not a TapML case store (no {_DB}); point at a `tapml carve` --out dir")
+                raise TapmlError(f"{p} is not a TapML case store (no {_files.DB}); point at a `tapml carve` --out dir")
         except OSError as e:
             raise TapmlError(f"cannot read a case store at {p} ({e.strerror})") from None
         try:
-            db = _read_only(p)
+            db = _files.read_only(p)
         except sqlite3.OperationalError as e:  # cannot open (permissions, locks): says nothing about the file
-            raise TapmlError(f"{p}/{_DB} cannot be read ({e})") from None
+            raise TapmlError(f"{p}/{_files.DB} cannot be read ({e})") from None
         except sqlite3.DatabaseError as e:
-            raise TapmlError(f"{p}/{_DB} is corrupt or not a TapML store ({e})") from None
+            raise TapmlError(f"{p}/{_files.DB} is corrupt or not a TapML store ({e})") from None
         store = cls(p, db)
         try:
             store._check()
@@ -361,11 +167,11 @@ class CaseStore:
     @classmethod
     def _connect(cls, p: Path) -> sqlite3.Connection:
         try:
-            db = sqlite3.connect(p / _DB, timeout=30, check_same_thread=False)
+            db = sqlite3.connect(p / _files.DB, timeout=30, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
         except sqlite3.DatabaseError as e:
-            raise TapmlError(f"{p}/{_DB} is corrupt or not a TapML store ({e})") from None
+            raise TapmlError(f"{p}/{_files.DB} is corrupt or not a TapML store ({e})") from None
         return db
 
     def _tableless(self) -> bool:
@@ -381,9 +187,9 @@ class CaseStore:
             if self._tableless():
                 raise TapmlError(f"{self.path} holds no complete case store (its creation was interrupted); "
                                  f"carve again with --out {self.path}") from None
-            raise TapmlError(f"{self.path}/{_DB} is corrupt or not a TapML store ({e})") from None
+            raise TapmlError(f"{self.path}/{_files.DB} is corrupt or not a TapML store ({e})") from None
         if rows.get("format") != FORMAT:
-            raise TapmlError(f"{self.path} is not a TapML case store (foreign {_DB})")
+            raise TapmlError(f"{self.path} is not a TapML case store (foreign {_files.DB})")
         if int(rows.get("version", 0)) > VERSION:
             raise TapmlError(f"{self.path} was written by a newer tapml (store version {rows['version']}); "
                              "upgrade tapml")
@@ -391,10 +197,15 @@ class CaseStore:
     def _db_error(self, e: Exception) -> TapmlError:
         msg = (str(e).splitlines() or [type(e).__name__])[0]
         if isinstance(e, sqlite3.OperationalError) and e.sqlite_errorname not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-            return TapmlError(f"{self.path}/{_DB}: {msg}")  # busy, locked, I/O: not a verdict on the file
-        return StoreCorrupt(f"{self.path}/{_DB} is damaged ({msg}); carve the store again")
+            return TapmlError(f"{self.path}/{_files.DB}: {msg}")  # busy, locked, I/O: not a verdict on the file
+        return StoreCorrupt(f"{self.path}/{_files.DB} is damaged ({msg}); carve the store again")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
+        self._closed = True
         self._shards.clear()
         self.db.close()
         if self._lock is not None:
@@ -404,8 +215,14 @@ class CaseStore:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """A writer leaving with an exception takes back what it made (see `abandon`); otherwise close."""
+        if self._closed:
+            return
+        if exc_type is not None and self._lock is not None:
+            self.abandon(None)
+        else:
+            self.close()
 
     # --- writing ---------------------------------------------------------------------------------------
     @_sql
@@ -433,14 +250,9 @@ class CaseStore:
             "SELECT c.signature, COUNT(s.id) FROM cases c LEFT JOIN samples s ON s.case_id = c.id GROUP BY c.id")
         return dict(rows.fetchall())
 
-    def commit(self, run_id: int, blobs: dict[str, torch.Tensor], samples: list[PendingSample],
-               counts: dict[str, tuple[str, Any, list, bool, str | None, bool, int]], calls: int) -> None:
-        """Write new blobs to one shard (durably), then commit rows for samples and occurrence counts.
-
-        `counts` maps signature -> (op, spec, metas, replayable, reason, random, n) for calls seen since the
-        last commit, so cases that ran but were not sampled are still counted. See `commit_batch`.
-        """
-        self.commit_batch(run_id, Batch.encode(blobs, samples, counts), calls)
+    def record(self, model: str, description: str, options: dict) -> Recording:
+        """Begin a run and return its Recording: the one way cases enter a store (see `Recording`)."""
+        return Recording(self, self.begin_run(model, description, options))
 
     @_sql
     def commit_batch(self, run_id: int, batch: Batch, calls: int, verify: Callable[[], None] | None = None) -> None:
@@ -486,13 +298,13 @@ class CaseStore:
             safetensors.serialize_file(batch.specs, str(tmp))
             if verify is not None:
                 verify()
-            _fsync(tmp)
+            _files.fsync(tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, final)
         self._written.setdefault(run_id, []).append(name)  # before the rows: a failed commit still removes it
-        _fsync(final.parent)
+        _files.fsync(final.parent)
         return name
 
     @_sql
@@ -529,10 +341,11 @@ class CaseStore:
         if not empty:
             self.close()
             return
+        self._closed = True
         self._shards.clear()
         self.db.close()
         lock, self._lock = self._lock, None
-        _remove_files(self.path, lock, self._made_dir)
+        _files.remove_files(self.path, lock, self._made_dir)
 
     # --- reading ---------------------------------------------------------------------------------------
     @_sql
@@ -649,6 +462,23 @@ class CaseStore:
             "SELECT c.op, COUNT(DISTINCT c.id), COALESCE(SUM(o.count), 0) FROM cases c "
             "LEFT JOIN occurrences o ON o.case_id = c.id GROUP BY c.op ORDER BY 3 DESC").fetchall()
         return [{"op": r[0], "cases": r[1], "calls": r[2]} for r in rows]
+
+
+@dataclass
+class StoreSummary:
+    """What `tapml show` prints: totals, runs, per-overload counts, and every case when asked for."""
+
+    path: str
+    stats: dict[str, Any]
+    runs: list[dict]
+    ops: list[dict[str, Any]]
+    cases: list[Case]
+
+
+def summarize(path: str | os.PathLike, cases: bool = False) -> StoreSummary:
+    """Totals, runs and op kinds of the store at `path` (and its cases when `cases`)."""
+    with CaseStore.open(path) as st:
+        return StoreSummary(str(path), st.stats(), st.runs(), st.op_table(), st.cases() if cases else [])
 
 
 def _matches(pattern: str, case: Case) -> bool:

@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from tapml.carve import Workload, carve
 from tapml.errors import TapmlError
-from tapml.migrate.localize import Localization
+from tapml.migration.localize import Localization
 from tapml.ops import resolve_op
 from tapml.paths import check_output_dir, check_output_file, check_path, same_file, short
+from tapml.recorder import carve
+from tapml.workload import Workload
 
 
 class _OneCall(torch.nn.Module):
@@ -128,7 +129,7 @@ def _swap_in(new: Path, final: Path) -> None:
 def save_migration(loc: Localization, json_out: str | os.PathLike, target: str, inject: str | None) -> str | None:
     """Write `tapml migrate --json FILE`: the culprit's store beside FILE (when there is a culprit with recorded
     inputs), then FILE itself. Returns the culprit store's path or None."""
-    from tapml.migrate.debug import migration_json
+    from tapml.migration.debug import migration_json
     from tapml.report import write_atomic
 
     store = check_migration_out(json_out)
@@ -148,8 +149,8 @@ its real inputs as the target received them. Written by `tapml repro`; the test 
 
 import pytest
 
-from tapml.backends import get_backend
-from tapml.backends.reference import Float64Backend
+from tapml.backends import open_backend
+from tapml.backends.reference import oracle
 from tapml.ops import Provenance
 from tapml.replay import check_sample
 from tapml.store import CaseStore
@@ -162,11 +163,7 @@ PROVENANCE = Provenance(0, CULPRIT["module"], CULPRIT["phase"], CULPRIT["call"],
 
 @pytest.fixture(scope="module")
 def backend():
-    be = get_backend(BACKEND)
-    if FAULT:
-        from tapml.testing.faults import FaultyBackend, parse_fault
-
-        be = FaultyBackend(be, parse_fault(FAULT))
+    be = open_backend(BACKEND, inject=FAULT)  # FAULT: the --inject spec, or None for a real target
     yield be
     be.close()
 
@@ -176,7 +173,7 @@ def test_culprit_matches_the_reference_on_its_real_inputs(backend):
         case = next(c for c in store.cases() if c.id == CASE_ID)
         call = store.load_call(case, store.samples(case.id)[0])
     call.provenance = PROVENANCE
-    status, verdict, reason = check_sample(backend, Float64Backend(narrow=False), case, call)
+    status, verdict, reason = check_sample(backend, oracle(), case, call)
     if status == "unsupported":
         pytest.skip(reason)
     assert status == "pass", f"{case.op}: {status}: {reason} {verdict.metrics if verdict else ''}"
@@ -242,7 +239,7 @@ def repro_fields(result: dict[str, Any]) -> dict[str, Any]:
         raise _bad("backend", f"{backend[:80]!r} is not a backend name (see `tapml backends`)")
     fault = _text(result, "inject", "inject", optional=True)
     if fault:
-        from tapml.testing.faults import parse_fault
+        from tapml.backends.faults import parse_fault
 
         try:
             parse_fault(fault)
@@ -295,3 +292,8 @@ def load_result(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "culprit" not in data or "strategy" not in data:
         raise TapmlError(f"{short(p)}: not a tapml migrate result (no culprit/strategy fields)")
     return data
+
+
+def repro(result: str | os.PathLike, out: str | os.PathLike = "test_repro.py") -> Path:
+    """`tapml repro`: the standalone pytest file for the culprit of the migrate result JSON at `result`."""
+    return write_repro(load_result(result), out)

@@ -20,10 +20,10 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from tapml.backends import Backend
-from tapml.carve import Workload, attach_provenance
-from tapml.compare import judge
-from tapml.migrate.placement import Placement
+from tapml.compare import judge, rel_rmse
+from tapml.migration.placement import Placement
 from tapml.ops import OpCall, Provenance, is_seeded_random, mutated_args, op_name
+from tapml.workload import Location, Workload, track
 
 
 @dataclass
@@ -71,22 +71,6 @@ class RunResult:
     @property
     def calls(self) -> int:
         return len(self.trace)
-
-
-def _rel_rmse(a: Any, b: Any) -> float | None:
-    la = [x for x in pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
-    lb = [x for x in pytree.tree_leaves(b) if isinstance(x, torch.Tensor)]
-    if not la or len(la) != len(lb):
-        return None
-    num = den = 0.0
-    for x, y in zip(la, lb):
-        if x.shape != y.shape:
-            return float("inf")
-        x, y = x.detach().double(), y.detach().double()
-        finite = torch.isfinite(y) & torch.isfinite(x)
-        num += float(((x - y)[finite] ** 2).sum()) + float((torch.isfinite(x) != torch.isfinite(y)).sum())
-        den += float((y[finite] ** 2).sum())
-    return (num / max(den, 1e-30)) ** 0.5 if den > 0 else num ** 0.5
 
 
 def _clone_out(x: Any) -> Any:
@@ -176,7 +160,7 @@ class MixedRun(TorchDispatchMode):
         self.local_check = local_check
         self.keep_inputs, self.keep_outputs = keep_inputs, keep_outputs
         self.golden_in = golden or {}
-        self.module, self.phase = "<none>", "forward"
+        self.where = Location()  # run_mixed replaces it with the one its forward hooks keep up to date
         self.trace: list[tuple[str, int, str, str]] = []
         self.records: list[OpRecord] = []
         self.golden_out: dict[int, Any] = {}
@@ -197,11 +181,12 @@ class MixedRun(TorchDispatchMode):
         i = len(self.trace)
         k = self._op_counts.get(name, 0)
         self._op_counts[name] = k + 1
-        self.trace.append((name, k, self.module, self.phase))
-        on = (self.target is not None and self.placement.selects(name, self.module, self.phase, i, k)
+        module, phase = self.where.module, self.where.phase
+        self.trace.append((name, k, module, phase))
+        on = (self.target is not None and self.placement.selects(name, module, phase, i, k)
               and not is_seeded_random(func, args, kwargs))
         if on:
-            call = OpCall(name, args, kwargs, None, Provenance(0, self.module, self.phase, i, k))
+            call = OpCall(name, args, kwargs, None, Provenance(0, module, phase, i, k))
             reason = self.target.supports(call)
             if reason is not None:
                 self.refused.setdefault(name, reason)
@@ -242,12 +227,13 @@ class MixedRun(TorchDispatchMode):
     # --- a call on the target ---------------------------------------------------------------------------
     def _on_target(self, func, name: str, i: int, k: int, args: tuple, kwargs: dict) -> Any:
         target = self.target
-        check = self.local_check is not None and self.local_check.selects(name, self.module, self.phase, i, k)
+        module, phase = self.where.module, self.where.phase
+        check = self.local_check is not None and self.local_check.selects(name, module, phase, i, k)
         mutated = mutated_args(func)
         keep = i in self.keep_inputs
         before = _clone_out((args, kwargs)) if (check or keep) else None
         hargs, hkwargs = pytree.tree_map_only(torch.Tensor, self._handle, (args, kwargs))
-        hout = target.run(OpCall(name, hargs, hkwargs, None, Provenance(0, self.module, self.phase, i, k)))
+        hout = target.run(OpCall(name, hargs, hkwargs, None, Provenance(0, module, phase, i, k)))
         schema = func._schema
         aliases = [r.alias_info is not None for r in schema.returns]
         if mutated:
@@ -276,7 +262,7 @@ class MixedRun(TorchDispatchMode):
                 if isinstance(host, torch.Tensor) and target.is_handle(h):
                     self._keep(host, h)
                     self._mirrors[_Residency.key(host)] = 1
-        rec = OpRecord(i, name, k, self.module, self.phase)
+        rec = OpRecord(i, name, k, module, phase)
         if keep:
             rec.inputs = before
         if check:
@@ -285,14 +271,14 @@ class MixedRun(TorchDispatchMode):
         return out
 
     def _local_check(self, func, name: str, rec: OpRecord, before: tuple, out: Any) -> None:
-        from tapml.backends.reference import Float64Backend
+        from tapml.backends.reference import oracle
 
         a, kw = _clone_out(before)
         ref = func(*a, **kw)
         got = _clone_out(out)
-        rec.local_error = _rel_rmse(got, ref)
+        rec.local_error = rel_rmse(got, ref)
         if self._oracle is None:
-            self._oracle = Float64Backend(narrow=False)
+            self._oracle = oracle()
         try:
             oracle = self._oracle.execute(OpCall(name, *_clone_out(before)))
         except Exception:
@@ -301,7 +287,7 @@ class MixedRun(TorchDispatchMode):
         rec.local_pass, rec.local_rule = v.passed, v.rule
         golden = self.golden_in.get(rec.call)
         if golden is not None:
-            rec.accumulated_error = _rel_rmse(got, golden)
+            rec.accumulated_error = rel_rmse(got, golden)
 
 
 def _mutated_hosts(schema, args: tuple, kwargs: dict) -> list[torch.Tensor]:
@@ -329,7 +315,7 @@ def run_mixed(workload: Workload, target: Backend | None, placement: Placement,
     logits: list[torch.Tensor] = []
     start = time.perf_counter()
     with ExitStack() as stack:
-        attach_provenance(stack, workload, mode, _NoBar())
+        mode.where = track(stack, workload)
         if workload.generates:
             stack.callback(workload.model.register_forward_hook(
                 lambda m, a, o: logits.append(_last_logits(o))).remove)
@@ -354,7 +340,3 @@ def _read_logits(out: Any) -> torch.Tensor | None:
         return None
     return logits[:, -1, :].detach().float().clone() if logits.dim() == 3 else logits.detach().float().clone()
 
-
-class _NoBar:
-    def advance(self) -> None:
-        pass

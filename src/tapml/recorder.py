@@ -1,24 +1,21 @@
-"""Carving: run a real model under the Recorder (a TorchDispatchMode) and write every ATen call to a CaseStore.
+"""Carving: `carve()` runs a real model under the Recorder (a TorchDispatchMode, or the native hook below it) and
+writes every ATen call into a CaseStore through one Recording.
 
 It decides what a case keeps (inputs before mutation, outputs, provenance, RNG state) and when to sample, and
-bounds the run (`timeout`); the on-disk layout, the store's lock and what a failed run takes back belong to
-`store.py`, and model construction to `tapml.zoo` / `load_workload`. It must not touch store files itself.
+bounds the run (`timeout`); the layout, the writer thread and what a failed run takes back belong to
+`tapml.store`, model loading and provenance to `tapml.workload`. It must not touch store files itself.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
-import importlib.util
 import math
 import os
-import queue
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +39,10 @@ from tapml.ops import (
     tensor_meta,
     written_args,
 )
-from tapml.store import Batch, CaseStore
+from tapml.paths import check_output_dir
+from tapml.progress import Bar
+from tapml.store import Batch, CaseSpec, CaseStore, PendingSample, Recording
+from tapml.workload import Location, Workload, load_workload, track
 
 # Ops that may read storage outside their input view: the whole storage is kept for them.
 _WHOLE_STORAGE = {"aten.as_strided.default", "aten.as_strided_.default", "aten.as_strided_scatter.default"}
@@ -54,67 +54,6 @@ _FLUSH_BYTES = 64 << 20
 _REF_BYTES = 128 << 10
 
 
-@dataclass
-class Workload:
-    """A model and the job to run on it (what the zoo's ModelSpec.prepare and user files produce)."""
-
-    model: torch.nn.Module
-    run: Callable[[], Any]
-    generates: bool
-    description: str
-
-
-def load_workload(model: str, prompt: str | None = None, max_new_tokens: int = 8) -> tuple[str, Any]:
-    """Resolve MODEL: a zoo name (`llama`, `zoo:llama`) or `path/to/file.py:make_model`.
-
-    Returns (canonical name, workload). `make_model()` must return `(model, inputs)`; the run is
-    `model(*inputs)` under torch.no_grad().
-    """
-    if ".py:" in model or model.endswith(".py"):
-        return model, _load_user_model(model)
-    from tapml import zoo
-
-    spec = zoo.get(model)
-    try:
-        return spec.name, spec.prepare(prompt=prompt, max_new_tokens=max_new_tokens)
-    except TapmlError:
-        raise
-    except Exception as e:
-        raise TapmlError(f"zoo model {spec.name} failed to build: {type(e).__name__}: {e}") from None
-
-
-def _load_user_model(ref: str) -> Workload:
-    path_s, _, fn_name = ref.rpartition(":") if ".py:" in ref else (ref, ":", "")
-    path = Path(path_s)
-    if not fn_name:
-        raise TapmlError(f"{ref}: name the factory function, e.g. {ref}:make_model")
-    if not path.is_file():
-        raise TapmlError(f"{path}: no such model file; expected path/to/file.py:make_model")
-    mod_name = f"tapml_user_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    if spec is None or spec.loader is None:
-        raise TapmlError(f"{path}: cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise TapmlError(f"{path}: importing it raised {type(e).__name__}: {e}") from None
-    factory = getattr(module, fn_name, None)
-    if not callable(factory):
-        raise TapmlError(f"{path} has no function {fn_name}(); it must return (model, inputs)")
-    try:
-        made = factory()
-    except Exception as e:
-        raise TapmlError(f"{ref}() raised {type(e).__name__}: {e}") from None
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise TapmlError(f"{ref}() must return (model: torch.nn.Module, inputs: tuple); got {type(made).__name__}")
-    model, inputs = made
-    inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
-    model.eval()
-    return Workload(model, lambda: model(*inputs), False, f"{fn_name}() from {path.name}: model(*inputs)")
-
-
 class Recorder(TorchDispatchMode):
     """Records every ATen call of a run; keeps up to `samples` samples per signature, counts all calls."""
 
@@ -123,20 +62,20 @@ class Recorder(TorchDispatchMode):
         # Recording never runs under torch.compile; the dynamo-disabling wrapper would cost ~5 µs per call.
         return False
 
-    def __init__(self, store: CaseStore, run_id: int, samples: int = 1, params: list[torch.Tensor] = (),
+    def __init__(self, recording: Recording, samples: int = 1, params: list[torch.Tensor] = (),
                  naive_bytes: bool = False, flush_samples: int = _FLUSH_SAMPLES, native: bool | None = None):
         super().__init__()
         # The C++ hook when available (TAPML_CARVE_NATIVE=0 forces the Python dispatch mode, =1 requires the
         # hook); the naive-bytes measurement needs every call's tensors, so it always takes the Python mode.
         self._native = None if naive_bytes else _native_hook(native)
         self._slots: dict[int, list] = {}  # native key slot -> entry
-        self.store, self.run_id, self.k = store, run_id, samples
+        self._recording, self.k = recording, samples
+        store = recording.store
         self.calls = 0
         # Bytes a naive recorder (every call's inputs and outputs saved) would write; measured only on request.
         self.naive_bytes = 0 if naive_bytes else None
         self.flush_samples = flush_samples
-        self.module = "<none>"
-        self.phase = "forward"
+        self.where = Location()  # carve() replaces it with the one its forward hooks keep up to date
         self._sampled = store.sample_counts()
         self._known = store.known_blobs()
         self._pending_blobs: dict[str, torch.Tensor] = {}
@@ -156,7 +95,6 @@ class Recorder(TorchDispatchMode):
         # Keyed by the recorded memory span, so a weight and its transposed view are hashed once.
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in params} - {0}
         self._param_hash: dict[tuple, str] = {}
-        self._writer = _Writer(store, run_id)
 
     # --- the dispatch hook ------------------------------------------------------------------------------
     def __enter__(self):
@@ -193,9 +131,9 @@ class Recorder(TorchDispatchMode):
             entry, tensors = self._entry(func, args, kwargs)
             if key is not None:
                 self._by_key[key] = entry
-        entry[6] += 1
-        sig = entry[7]
-        if not entry[3] or self._sampled.get(sig, 0) >= self.k:
+        entry.calls += 1
+        sig = entry.signature
+        if not entry.replayable or self._sampled.get(sig, 0) >= self.k:
             out = func(*args, **kwargs)
             if self.naive_bytes is not None:
                 self.naive_bytes += _nbytes(pytree.tree_leaves((args, kwargs))) + _nbytes(pytree.tree_leaves(out))
@@ -211,20 +149,20 @@ class Recorder(TorchDispatchMode):
         tensors = None
         if slot < 0:  # a call the native key does not cover: resolved every time, counted here
             entry, tensors = self._entry(func, args, kwargs)
-            entry[6] += 1
+            entry.calls += 1
         elif is_new:
             entry, tensors = self._entry(func, args, kwargs)
             self._slots[slot] = entry
         else:
             entry = self._slots[slot]
-        if not entry[3] or self._sampled.get(entry[7], 0) >= self.k:
+        if not entry.replayable or self._sampled.get(entry.signature, 0) >= self.k:
             return None  # never sampled again: the native side only counts this key from now on
         return self._begin(entry, func, args, kwargs, index, tensors)
 
     def _native_after(self, pending, out) -> bool:
         entry = pending[0]
         self._finish(pending, out)
-        return self._sampled.get(entry[7], 0) >= self.k
+        return self._sampled.get(entry.signature, 0) >= self.k
 
     def _guard_writes(self, func, args: tuple, kwargs: dict) -> None:
         """Python mode: what the native hook does before a writing op (see `_on_write`)."""
@@ -251,7 +189,7 @@ class Recorder(TorchDispatchMode):
                 self._pending_blobs[h] = v.clone()
         seq = self._inflight.pop(ptr, None)
         if seq is not None:
-            self._writer.wait(seq)
+            self._recording.wait(seq)
         if ptr in self._param_ptrs:
             self._param_hash = {k: h for k, h in self._param_hash.items() if k[0] != ptr}
             self._watch(ptr)
@@ -261,29 +199,29 @@ class Recorder(TorchDispatchMode):
         if self._native is None:
             return
         for slot, n in self._native.take_counts():
-            self._slots[slot][6] += n
+            self._slots[slot].calls += n
         self.calls = self._native.calls()
 
     def _begin(self, entry, func, args, kwargs, index, tensors=None) -> tuple:
         """Before running a sampled call: RNG state and, for mutating ops, the inputs."""
         if tensors is None:
             _, tensors = encode_args(args, kwargs)
-        whole = entry[0] in _WHOLE_STORAGE
+        whole = entry.op in _WHOLE_STORAGE
         rng = None
-        if entry[5]:
+        if entry.random:
             gen = kwargs.get("generator")
             state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
             rng = self._put(state.clone())
         # A mutating op's inputs are copied now: it is about to overwrite them.
-        inputs = ([self._capture(t, whole, m, copy=True) for t, m in zip(tensors, entry[2])]
+        inputs = ([self._capture(t, whole, m, copy=True) for t, m in zip(tensors, entry.metas)]
                   if mutated_args(func) else None)
         return entry, tensors, whole, rng, inputs, index
 
     def _finish(self, pending, out) -> None:
         entry, tensors, whole, rng, inputs, index = pending
-        sig = entry[7]
+        sig = entry.signature
         if inputs is None:
-            inputs = [self._capture(t, whole, m) for t, m in zip(tensors, entry[2])]
+            inputs = [self._capture(t, whole, m) for t, m in zip(tensors, entry.metas)]
         out_tensors: list[torch.Tensor] = []
         out_spec = encode_value(out, out_tensors) if not isinstance(out, torch.Tensor) else {"T": 0}
         if isinstance(out, torch.Tensor):
@@ -292,13 +230,14 @@ class Recorder(TorchDispatchMode):
         if self.naive_bytes is not None:
             self.naive_bytes += _nbytes(tensors) + _nbytes(out_tensors)
         self._sampled[sig] = self._sampled.get(sig, 0) + 1
-        self._pending_samples.append([sig, self.module, self.phase, index, inputs, outputs, rng])
+        where = self.where
+        self._pending_samples.append(PendingSample(sig, where.module, where.phase, index, inputs, outputs, rng))
         if len(self._pending_samples) >= self.flush_samples or self._pending_bytes >= _FLUSH_BYTES:
             self.flush()
 
-    def _entry(self, func, args: tuple, kwargs: dict) -> tuple[list, list]:
-        """[op, spec, metas, replayable, reason, random, calls since last commit, signature, spec JSON, metas JSON]
-        for this call, and its tensor arguments."""
+    def _entry(self, func, args: tuple, kwargs: dict) -> tuple[CaseSpec, list]:
+        """The CaseSpec of this call's signature (made once per signature; it counts calls between commits), and
+        the call's tensor arguments."""
         name = op_name(func)
         try:
             spec, tensors = encode_args(args, kwargs)
@@ -310,8 +249,8 @@ class Recorder(TorchDispatchMode):
         sig, spec_json, metas_json = signature_parts(name, spec, metas)
         entry = self._counts.get(sig)
         if entry is None:
-            entry = self._counts[sig] = [name, spec, metas, replayable, reason,
-                                         is_seeded_random(func, args, kwargs), 0, sig, spec_json, metas_json]
+            entry = self._counts[sig] = CaseSpec(sig, name, spec, metas, replayable, reason,
+                                                 is_seeded_random(func, args, kwargs), spec_json, metas_json)
         return entry, tensors
 
     def _capture(self, t: torch.Tensor, whole: bool, meta: dict, copy: bool = False) -> list:
@@ -366,102 +305,31 @@ class Recorder(TorchDispatchMode):
     def flush(self) -> None:
         """Hand the pending batch to the writer thread (blocks only when two batches are already queued)."""
         self._sync()
-        counts = [[sig, v[6]] for sig, v in self._counts.items() if v[6]]
+        counts = [c for c in self._counts.values() if c.calls]
         if not (self._pending_samples or counts):
             return
-        cases = {}
-        for sig in [sig for sig, _ in counts] + [row[0] for row in self._pending_samples]:
+        cases: dict[str, CaseSpec] = {}
+        for sig in [c.signature for c in counts] + [x.signature for x in self._pending_samples]:
             if sig not in self._stored and sig not in cases:
-                v = self._counts[sig]
-                cases[sig] = [sig, v[0], v[8], v[9], v[3], v[4], v[5]]
+                cases[sig] = self._counts[sig]
         batch = Batch(self._pending_blobs, list(cases.values()), counts, self._pending_samples)
         refs = {h for hs in self._refs.values() for h in hs}
-        seq = self._writer.submit(batch, refs, self.calls)
+        seq = self._recording.submit(batch, refs, self.calls)
         self._stored.update(cases)
         self._known.update(self._pending_blobs)
         self._pending_blobs, self._pending_samples, self._pending_bytes = {}, [], 0
-        for v in self._counts.values():
-            v[6] = 0
+        for c in counts:
+            c.calls = 0
         for ptr in self._refs:
             self._inflight[ptr] = seq
         self._refs = {}
-        done = self._writer.done
+        done = self._recording.done
         for ptr in [p for p, n in self._inflight.items() if n <= done]:  # on disk: no longer at risk
             del self._inflight[ptr]
             if ptr not in self._param_ptrs:
                 self._watched.discard(ptr)
                 if self._native is not None:
                     self._native.unwatch(ptr)
-
-    def close(self) -> None:
-        """Wait until everything handed over is durable; re-raise a writer failure."""
-        self._writer.close()
-
-
-class _Writer:
-    """Writes batches (shard + SQLite commit) on a thread so storage I/O overlaps the model run.
-
-    Batches commit in order and are numbered; `done` is the last one finished (written or failed) and `wait`
-    blocks until a given one is. A failure is re-raised in the recording thread at the next submit or close.
-    """
-
-    def __init__(self, store: CaseStore, run_id: int):
-        self.store, self.run_id = store, run_id
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
-        self.error: BaseException | None = None
-        self.seq = 0
-        self.done = 0
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._loop, name="tapml-store-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:
-                return
-            seq, batch, refs, calls = item
-            if self.error is None:
-                try:
-                    self.store.commit_batch(self.run_id, batch, calls,
-                                            verify=functools.partial(_verify, batch.blobs, refs) if refs else None)
-                except BaseException as e:  # surfaced in the recording thread
-                    self.error = e
-            del item, batch, refs  # drop the references before saying the batch is done
-            with self.cond:
-                self.done = seq
-                self.cond.notify_all()
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def submit(self, batch: Batch, refs: set, calls: int) -> int:
-        """Queue a batch (`refs`: the hashes of its blobs that are views of live tensors); returns its number."""
-        self._check()
-        self.seq += 1
-        self.queue.put((self.seq, batch, refs, calls))
-        return self.seq
-
-    def wait(self, seq: int) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.done >= seq or not self.thread.is_alive())
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.queue.put(None)
-            self.thread.join()
-        self._check()
-
-
-def _verify(blobs: dict[str, torch.Tensor], refs: set[str]) -> None:
-    """After a shard is written: the blobs written from live tensors still hold what was recorded."""
-    changed = [h for h in refs if content_hash(blobs[h]) != h]
-    if changed:
-        raise TapmlError(f"{len(changed)} recorded tensor(s) were overwritten during the carve by a write that no "
-                         "PyTorch operator made (through .numpy() or a C extension, say); the recording would be "
-                         "wrong: carve again without writing into tensors outside PyTorch ops")
-
 
 _Tensor = torch.Tensor
 _warned = False
@@ -561,16 +429,30 @@ class CarveResult:
         return dict(self.__dict__)
 
 
-def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tokens: int = 8,
-          samples: int = 1, progress: bool = True, workload: Workload | None = None,
+def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_new_tokens: int = 8,
+          samples: int = 1, progress: bool = True, workload: Workload | None = None, frontend: str = "torch",
           naive_bytes: bool = False, timeout: float | None = None) -> CarveResult:
-    """Carve MODEL into the store at `out`; a carve into a store another carve is writing is refused.
+    """Carve MODEL (a zoo name or path/to/file.py:make_model) into the case store at `out` (created or extended;
+    a store another carve is writing is refused).
 
-    `timeout`: seconds the model run may take. It is a SIGALRM, so a carve with one must run in the main thread,
-    and it stops the run at its next Python step (one long op in C++ finishes first). On any failure, the time
-    limit included, the run is discarded and the store is left as it was before the call (one the call created
-    is removed).
+    frontend: `torch` records every ATen call of the run (LLMs: greedy generate() of `max_new_tokens` with the
+    KV cache; `prompt` instead of the shipped prompts); `tvm` records the TIR kernel calls of the model's forward
+    in TVM's Relax VM (see `tapml.frontends.tvm`). samples: samples kept per signature. workload: run this
+    instead of building MODEL. timeout: seconds the model run may take (torch frontend); it is a SIGALRM, so a
+    carve with one must run in the main thread, and it stops the run at its next Python step. On any failure,
+    the time limit included, the run is discarded and the store is left as it was before the call (one the call
+    created is removed).
     """
+    check_output_dir(out, "--out")
+    if frontend == "tvm":
+        if timeout is not None or workload is not None:
+            raise TapmlError("--timeout and a prepared workload apply to --frontend torch (the tvm frontend runs one "
+                             "compiled forward)")
+        from tapml.frontends.tvm import carve_tvm
+
+        return carve_tvm(model, str(out), prompt=prompt, samples=samples)
+    if frontend != "torch":
+        raise TapmlError(f"unknown --frontend {frontend!r}; choose torch or tvm")
     if samples < 1:
         raise TapmlError(f"--samples must be ≥ 1 (got {samples})")
     if max_new_tokens < 1:
@@ -581,45 +463,38 @@ def carve(model: str, out: str | Path, *, prompt: str | None = None, max_new_tok
         name, workload = load_workload(model, prompt, max_new_tokens)
     else:
         name = model
-    out = Path(out)
-    store = CaseStore.create(out)
-    run_id = rec = None
     limit = _TimeLimit(timeout)
     try:
-        before = {c.signature for c in store.cases()}
-        options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
-        run_id = store.begin_run(name, workload.description, options)
-        params = list(workload.model.parameters()) + list(workload.model.buffers())
-        rec = Recorder(store, run_id, samples, params, naive_bytes=naive_bytes, flush_samples=flush, native=native)
-        start = time.perf_counter()
-        with ExitStack() as stack:
-            steps = max_new_tokens if workload.generates else None
-            bar = stack.enter_context(_progress(progress, name, steps))
-            attach_provenance(stack, workload, rec, bar)
-            stack.enter_context(_frozen_heap())
-            stack.enter_context(torch.no_grad())
-            stack.enter_context(rec)
-            with limit:  # innermost: the limit covers the model run, not the final commit
-                workload.run()
-        rec.flush()
-        rec.close()
-        store.finish_run(run_id, rec.calls)
+        with CaseStore.create(Path(out)) as store:  # a failure takes back what this call wrote, nothing else
+            before = {c.signature for c in store.cases()}
+            options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
+            with store.record(name, workload.description, options) as recording:
+                params = list(workload.model.parameters()) + list(workload.model.buffers())
+                rec = Recorder(recording, samples, params, naive_bytes=naive_bytes, flush_samples=flush,
+                               native=native)
+                start = time.perf_counter()
+                with ExitStack() as stack:
+                    steps = max_new_tokens if workload.generates else None
+                    bar = stack.enter_context(Bar(progress, "carve", f"{name} (forward steps)", steps))
+                    rec.where = track(stack, workload, bar.advance)
+                    stack.enter_context(_frozen_heap())
+                    stack.enter_context(torch.no_grad())
+                    stack.enter_context(rec)
+                    with limit:  # innermost: the limit covers the model run, not the final commit
+                        workload.run()
+                rec.flush()
+                recording.calls = rec.calls
+            seconds = time.perf_counter() - start
+            stats = store.stats()
     except BaseException as e:
-        if rec is not None:
-            with contextlib.suppress(BaseException):  # the run is being discarded anyway
-                rec.close()
-        store.abandon(run_id)
         if limit.expired:  # whatever the expiry surfaced as on its way out of the model
             raise TapmlError(f"the carve of {name} exceeded its time limit of {timeout:g} s and was stopped; its "
                              "run was discarded (raise --timeout or carve a smaller workload)") from None
         if isinstance(e, (TapmlError, KeyboardInterrupt)):
             raise
         raise TapmlError(f"model {name} raised {type(e).__name__} while running: {e}") from None
-    seconds = time.perf_counter() - start
     seen = set(rec._counts)
-    stats = store.stats()
-    store.close()
-    return CarveResult(str(out), run_id, name, workload.description, rec.calls, len(seen),
+    return CarveResult(str(out), recording.run_id, name, workload.description, rec.calls, len(seen),
                        len(seen - before), stats["samples"], seconds, stats, rec.naive_bytes)
 
 
@@ -684,67 +559,3 @@ def _frozen_heap():
         yield
     finally:
         gc.unfreeze()
-
-
-def attach_provenance(stack: ExitStack, workload: Workload, rec: Recorder, bar: Any) -> None:
-    """Module path from forward hooks on every submodule; phase from the top module's forward count."""
-    names = {id(m): n for n, m in workload.model.named_modules()}
-    stack_names: list[str] = []
-    top = workload.model
-    step = [0]
-
-    def phase_of(i: int) -> str:
-        if not workload.generates:
-            return "forward"
-        return "prefill" if i == 0 else f"decode:{i - 1}"
-
-    rec.phase = phase_of(0)
-
-    def pre(mod, _args):
-        stack_names.append(rec.module)
-        rec.module = names.get(id(mod), "") or type(mod).__name__
-
-    def post(mod, _args, _out):
-        rec.module = stack_names.pop() if stack_names else "<none>"
-        if mod is top:
-            step[0] += 1
-            rec.phase = phase_of(step[0])
-            bar.advance()
-
-    for m in workload.model.modules():
-        stack.callback(m.register_forward_pre_hook(pre).remove)
-        stack.callback(m.register_forward_hook(post).remove)
-
-
-class _Bar:
-    def __init__(self, progress: Any, task: Any):
-        self.progress, self.task = progress, task
-
-    def advance(self) -> None:
-        if self.progress is not None:
-            self.progress.advance(self.task)
-
-
-class _progress:
-    """A rich progress bar over forward steps (prefill + decode steps) on stderr; silent when disabled."""
-
-    def __init__(self, enabled: bool, name: str, steps: int | None):
-        self.enabled, self.name, self.steps = enabled, name, steps
-        self.progress = None
-
-    def __enter__(self) -> _Bar:
-        if not self.enabled:
-            return _Bar(None, None)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn
-
-        self.progress = Progress(SpinnerColumn(), "[bold]carve[/] {task.description}", BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
-                                 transient=False)
-        self.progress.__enter__()
-        task = self.progress.add_task(f"{self.name} (forward steps)", total=self.steps)
-        return _Bar(self.progress, task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)

@@ -1,7 +1,8 @@
-"""Fault injection: wrap any backend so one op kind (or one instance of it) computes a known wrong answer.
+"""Fault injection: a Backend wrapper under which one op kind (or one instance of it) computes a known wrong answer.
 
-Used by `tapml migrate --inject` so anyone can watch localization work, and by the tests, where the location of
-the bug is known. A fault never changes which ops the inner backend supports; it only corrupts results.
+Used by `--inject` (through `open_backend`) so anyone can watch localization work, and by the tests, where the
+location of the bug is known. A fault never changes which ops the inner backend supports; it only corrupts
+results.
 
 Spec grammar: `[decode-only:]KIND[=PARAM]:OP[@N]`, e.g. `noise:aten.mm.default@37` (relative noise on the
 37th call of that overload in the run, counted from 0), `offbyone:aten.cat.default`, `fp16:aten.softmax.int`,
@@ -102,7 +103,8 @@ class FaultyBackend(Backend):
         self.inner, self.fault, self.seed = inner, fault, seed
         self.name = f"{inner.name}+{fault.spec}"
         self.description = f"{inner.name} with an injected fault: {KINDS[fault.kind]}"
-        self.replays_torch_rng = getattr(inner, "replays_torch_rng", False)
+        self.replays_torch_rng = inner.replays_torch_rng
+        self.device = inner.device
         self.hits = 0  # how many calls the fault corrupted
 
     def supports(self, call: OpCall) -> str | None:
