@@ -82,7 +82,7 @@ def op_matches(pattern: str, op: str) -> bool:
 
 
 def _by_op(results) -> dict[str, dict[str, int]]:
-    from tapml.replay import STATUSES
+    from tapml.results import STATUSES
 
     table: dict[str, dict[str, int]] = {}
     for r in results:
@@ -106,7 +106,8 @@ def run_cell(model: str, backend: str, stores: Path) -> dict:
 def refresh_cell(model: str, backend: str, stores: Path, pattern: str, old: dict, assume_unsupported: bool) -> dict:
     """Replay only the cases whose op matches `pattern` and merge them into the cell's previous result `old`
     (see the module docstring for the merge rule and the `assume_unsupported` fallback)."""
-    from tapml.replay import STATUSES, run_tests
+    from tapml.replay import run_tests
+    from tapml.results import STATUSES
     from tapml.store import CaseStore
 
     with CaseStore.open(stores / model) as store:

@@ -241,7 +241,7 @@ def test_repro_file_replays_the_culprit_and_fails(tmp_path, workloads, traces):
     loc = localize(workloads["gpt2"], "gpt2", open_backend("torch", inject=fault), strategy="bisect", tol=1e-6,
                    fault=parse_fault(fault))
     case = save_culprit(loc, tmp_path / "culprit")
-    from tapml.migration.debug import migration_json
+    from tapml.migration.repro import migration_json
 
     path = write_repro(migration_json(loc, "torch", fault, str(tmp_path / "culprit"), case), tmp_path / "test_r.py")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],

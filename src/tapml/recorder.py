@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from tapml.ops import (
 )
 from tapml.paths import check_output_dir
 from tapml.progress import Bar
+from tapml.results import CarveResult
 from tapml.store import Batch, CaseSpec, CaseStore, PendingSample, Recording
 from tapml.workload import Location, Workload, load_workload, track
 
@@ -409,24 +409,6 @@ def _key(args, _T=_Tensor) -> tuple:
 
 def _nbytes(xs: list) -> int:
     return sum(t.numel() * t.element_size() for t in xs if isinstance(t, torch.Tensor))
-
-
-@dataclass
-class CarveResult:
-    store: str
-    run_id: int
-    model: str
-    description: str
-    calls: int
-    cases: int  # distinct signatures seen in this run
-    new_cases: int
-    samples: int
-    seconds: float
-    stats: dict
-    naive_bytes: int | None = None
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
 
 
 def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_new_tokens: int = 8,

@@ -1,4 +1,4 @@
-// Native call interception for tapml.carve: a boxed fallback on the (otherwise unused) Fake dispatch key,
+// Native call interception for tapml.recorder: a boxed fallback on the (otherwise unused) Fake dispatch key,
 // which sits directly below Python, so it sees exactly the calls a Python TorchDispatchMode sees. Each call is
 // counted in C++; a call whose exact key (op, tensor dtypes/shapes/strides/offsets, scalar values) is already
 // known to need no sample is simply redispatched. Others call the Recorder's Python hooks.

@@ -1,5 +1,5 @@
-"""The Backend interface, the entry-point registry (`tapml.backends`) through which every backend is found, and
-`open_backend`, the one way to open a target (here, remote, or with an injected fault).
+"""The backend registry: the `Backend` interface (base.py), the entry points (`tapml.backends`) through which every
+backend is found, and `open_backend`, the one way to open a target (here, remote, or with an injected fault).
 
 A backend runs OpCalls; it must not know about stores, verdicts or reports. Built-ins register the same way
 third-party backends do, in pyproject's `[project.entry-points."tapml.backends"]`.
@@ -10,75 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-import torch.utils._pytree as pytree
+from tapml.backends.base import Backend
+from tapml.backends.faults import Fault, FaultyBackend, parse_fault
+from tapml.errors import TapmlError, first_line
 
-from tapml.errors import TapmlError, UnknownOp, first_line
-from tapml.ops import OpCall
-
-if TYPE_CHECKING:
-    from tapml.backends.faults import Fault
+__all__ = ["GROUP", "Backend", "BackendInfo", "backend_class", "get_backend", "open_backend", "registered"]
 
 GROUP = "tapml.backends"
-
-
-class Backend:
-    """Runs ATen op calls. Subclasses set `name`, implement `run`, and may refine the rest.
-
-    Residency: `upload` turns a host tensor into whatever the backend keeps (a device buffer), `download`
-    turns it back; `run` takes a call whose tensor leaves are such handles and returns handles, so a chain
-    of target ops keeps its tensors on the device. `execute` is the host-in/host-out convenience.
-
-    Everything the core reads of a backend is declared here: `name`, `description`, `device` (where it runs, for
-    reports), `replays_torch_rng` (it replays a seeded random op's recorded CPU generator state exactly; others
-    report those cases unsupported), `supported_ops()`, and the methods below.
-    """
-
-    name = "?"
-    description = ""
-    device: object = None
-    replays_torch_rng = False
-
-    def supported_ops(self) -> list[str] | None:
-        """The op overloads it can run, when it knows them up front (None: ask `supports` per call)."""
-        return None
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        """None when this backend can run here, else the reason it cannot (missing package, no device)."""
-        return None
-
-    def supports(self, call: OpCall) -> str | None:
-        """None when `call` can run, else why not (reported as `unsupported`, never as pass)."""
-        try:
-            call.func()
-        except UnknownOp as e:  # not an ATen overload of this torch (e.g. a TVM kernel case)
-            return str(e)
-        return None
-
-    def upload(self, t: torch.Tensor) -> Any:
-        return t
-
-    def download(self, h: Any) -> torch.Tensor:
-        return h
-
-    def run(self, call: OpCall) -> Any:
-        raise NotImplementedError
-
-    def execute(self, call: OpCall) -> Any:
-        """Upload the call's tensors, run it, download the outputs as CPU tensors."""
-        args, kwargs = pytree.tree_map_only(torch.Tensor, self.upload, (call.args, call.kwargs))
-        staged = OpCall(call.op, args, kwargs, None, call.provenance, call.rng_state)
-        out = self.run(staged)
-        return pytree.tree_map(lambda x: self.download(x) if self.is_handle(x) else x, out)
-
-    def is_handle(self, x: Any) -> bool:
-        return isinstance(x, torch.Tensor)
-
-    def close(self) -> None:
-        """Release device resources."""
 
 
 @dataclass
@@ -142,8 +82,6 @@ def open_backend(name: str, *, remote: str | None = None, token_file: str | os.P
     the one `tapml serve` hosts there (`name` "remote" takes whatever it hosts; another name must match it),
     wrapped with a known fault when `inject` is given (a spec such as `noise:aten.mm.default@3`, or a Fault).
     `options` go to the backend's constructor; for a remote one they are set where it is served."""
-    from tapml.backends.faults import Fault, FaultyBackend, parse_fault
-
     fault = parse_fault(inject) if isinstance(inject, str) else inject
     if fault is not None and not isinstance(fault, Fault):
         raise TapmlError(f"inject must be a fault spec such as noise:aten.mm.default@3, not {type(inject).__name__}")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from tapml.backends import Backend
+from tapml.backends.base import Backend
 from tapml.errors import TapmlError
 from tapml.ops import OpCall
 

@@ -21,7 +21,7 @@ import torch
 from tapml.errors import TapmlError, first_line
 from tapml.frontends import forward_program
 from tapml.ops import compact, content_hash, encode_args, signature, tensor_meta
-from tapml.recorder import CarveResult
+from tapml.results import CarveResult
 from tapml.store import CaseSpec, CaseStore, PendingSample
 
 

@@ -14,7 +14,6 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tapml.backends import open_backend
 from tapml.backends.faults import parse_fault
@@ -28,11 +27,12 @@ from tapml.migration.localize import (
     localize,
 )
 from tapml.migration.placement import Placement
-from tapml.migration.repro import check_culprit_store, save_culprit, write_repro
+from tapml.migration.repro import check_culprit_store, migration_json, save_culprit, write_repro
 from tapml.paths import check_output_dir, check_output_file, short
-from tapml.recorder import CarveResult, carve
-from tapml.replay import TestRun, run_tests
+from tapml.recorder import carve
+from tapml.replay import run_tests
 from tapml.report import write_atomic
+from tapml.results import CarveResult, TestRun
 from tapml.workload import load_workload
 
 
@@ -122,14 +122,6 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
         raise
     finally:
         backend.close()
-
-
-def migration_json(loc: Localization, target: str, inject: str | None, store: str | None,
-                   case: int | None) -> dict[str, Any]:
-    """The JSON `tapml migrate --json` writes (and `tapml repro` reads)."""
-    d = loc.as_dict()
-    d.update(backend=target, inject=inject, culprit_store=store, culprit_case=case)
-    return d
 
 
 # ----------------------------------------------------------------------------------------------- HTML

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -24,6 +24,15 @@ from tapml.compare import judge, rel_rmse
 from tapml.migration.placement import Placement
 from tapml.ops import OpCall, Provenance, is_seeded_random, mutated_args, op_name
 from tapml.workload import Location, Workload, track
+
+
+class Step(NamedTuple):
+    """One call of a run as the trace keeps it: overload, its per-overload index, module path and phase."""
+
+    op: str
+    index: int
+    module: str
+    phase: str
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Crossings:
 class RunResult:
     output: Any  # what workload.run() returned
     logits: list[torch.Tensor]  # per forward step: last-position logits (LLMs), else []
-    trace: list[tuple[str, int, str, str]]  # per call: (op, op_index, module, phase)
+    trace: list[Step]  # per call
     records: list[OpRecord]  # the target-placed calls
     golden: dict[int, Any] = field(default_factory=dict)  # call -> outputs, when kept
     crossings: Crossings = field(default_factory=Crossings)
@@ -161,7 +170,7 @@ class MixedRun(TorchDispatchMode):
         self.keep_inputs, self.keep_outputs = keep_inputs, keep_outputs
         self.golden_in = golden or {}
         self.where = Location()  # run_mixed replaces it with the one its forward hooks keep up to date
-        self.trace: list[tuple[str, int, str, str]] = []
+        self.trace: list[Step] = []
         self.records: list[OpRecord] = []
         self.golden_out: dict[int, Any] = {}
         self.crossings = Crossings()
@@ -182,7 +191,7 @@ class MixedRun(TorchDispatchMode):
         k = self._op_counts.get(name, 0)
         self._op_counts[name] = k + 1
         module, phase = self.where.module, self.where.phase
-        self.trace.append((name, k, module, phase))
+        self.trace.append(Step(name, k, module, phase))
         on = (self.target is not None and self.placement.selects(name, module, phase, i, k)
               and not is_seeded_random(func, args, kwargs))
         if on:

@@ -17,16 +17,18 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tapml.errors import TapmlError
-from tapml.migration.localize import Localization
 from tapml.ops import resolve_op
 from tapml.paths import check_output_dir, check_output_file, check_path, same_file, short
 from tapml.recorder import carve
 from tapml.workload import Workload
+
+if TYPE_CHECKING:
+    from tapml.migration.localize import Localization
 
 
 class _OneCall(torch.nn.Module):
@@ -126,10 +128,17 @@ def _swap_in(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def migration_json(loc: Localization, target: str, inject: str | None, store: str | None,
+                   case: int | None) -> dict[str, Any]:
+    """The JSON `tapml migrate --json` writes (and `tapml repro` reads)."""
+    d = loc.as_dict()
+    d.update(backend=target, inject=inject, culprit_store=store, culprit_case=case)
+    return d
+
+
 def save_migration(loc: Localization, json_out: str | os.PathLike, target: str, inject: str | None) -> str | None:
     """Write `tapml migrate --json FILE`: the culprit's store beside FILE (when there is a culprit with recorded
     inputs), then FILE itself. Returns the culprit store's path or None."""
-    from tapml.migration.debug import migration_json
     from tapml.report import write_atomic
 
     store = check_migration_out(json_out)

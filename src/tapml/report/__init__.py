@@ -19,7 +19,7 @@ from rich.table import Table
 
 from tapml.errors import TapmlError
 from tapml.paths import check_output_file, short
-from tapml.replay import STATUSES, TestRun
+from tapml.results import STATUSES, TestRun
 
 _COLORS = {"pass": "#2e7d32", "fail": "#c62828", "unsupported": "#9e9e9e", "error": "#ef6c00"}
 

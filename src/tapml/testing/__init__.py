@@ -1,1 +1,2 @@
-"""Test tooling built on the core: standalone pytest files exported from a store (`tapml export-pytest`); never imported by the core itself."""
+"""Test tooling built on the core: standalone pytest files exported from a store (`tapml export-pytest`).
+It must never be imported by the core."""

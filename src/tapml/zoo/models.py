@@ -8,7 +8,8 @@ import torch
 import transformers as tf
 
 from tapml.workload import Workload
-from tapml.zoo import ModelSpec, image_batch, left_pad, minilm_dir, prompt_texts, token_ids, tokenizer
+from tapml.zoo.inputs import image_batch, left_pad, minilm_dir, prompt_texts, token_ids, tokenizer
+from tapml.zoo.spec import ModelSpec
 
 PAD = 0  # every small LLM config below reserves ids 0..3: pad 0, bos 1, eos 2
 VOCAB = 4096
