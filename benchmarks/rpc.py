@@ -2,7 +2,8 @@
 with TVM RPC (`tvm.rpc`, apache-tvm) in the same run; optionally the replay rate of a carved store through it.
 
     .venv/bin/python benchmarks/rpc.py                      # TapML vs TVM RPC, 1 KB / 1 MB / 64 MB
-    .venv/bin/python benchmarks/rpc.py --url ws://127.0.0.1:8765 --store DIR [--store DIR2] [--local torch-cuda]
+    .venv/bin/python benchmarks/rpc.py --small              # 1 KB / 1 MB only, few repeats (a smoke run)
+    TAPML_TOKEN=... .venv/bin/python benchmarks/rpc.py --url ws://127.0.0.1:8765 --store DIR [--local torch-cuda]
 
 Both servers run in their own process (`tapml serve`, TVM's popen RPC server); medians of interleaved repeats.
 """
@@ -34,25 +35,27 @@ def median_seconds(fn, n: int) -> float:
     return statistics.median(times)
 
 
-def start_tapml(backend: str) -> tuple[subprocess.Popen, str]:
+def start_tapml(backend: str) -> tuple[subprocess.Popen, str, str]:
+    """A `tapml serve` process, its URL and the token it generated."""
     proc = subprocess.Popen([sys.executable, "-m", "tapml.cli", "serve", "--backend", backend, "--port", "0"],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     m = re.search(r"ws://[\d.]+:\d+", line)
-    if not m:
+    t = re.search(r"token (\S+) \(generated", proc.stdout.readline()) if m else None
+    if not (m and t):
         proc.kill()
         raise SystemExit(f"tapml serve did not start: {line!r}")
-    return proc, m.group(0)
+    return proc, m.group(0), t.group(1)
 
 
-def bench_tapml(url: str) -> dict:
+def bench_tapml(url: str, token: str | None) -> dict:
     from tapml.ops import OpCall
     from tapml.remote.client import RemoteBackend
 
-    be = RemoteBackend(url)
-    out = {"ping": median_seconds(be.ping, 500)}
+    be = RemoteBackend(url, token=token)
+    out = {"ping": median_seconds(be.ping, REPEATS[1 << 10] * 2)}
     one = be.upload(torch.ones(1))
-    out["call"] = median_seconds(lambda: be.run(OpCall("aten.add.Tensor", (one, one), {})), 300)
+    out["call"] = median_seconds(lambda: be.run(OpCall("aten.add.Tensor", (one, one), {})), REPEATS[1 << 10])
     for label, n in SIZES.items():
         host = torch.from_numpy(np.random.randint(0, 255, size=n, dtype=np.uint8))
         box = {}
@@ -80,7 +83,7 @@ def bench_tvm() -> dict | None:
         sess = rpc.connect("127.0.0.1", server.port)
         dev = sess.cpu()
         addone = sess.get_function("rpc.test.addone")
-        out = {"ping": median_seconds(lambda: addone(1), 500)}
+        out = {"ping": median_seconds(lambda: addone(1), REPEATS[1 << 10] * 2)}
         one = tvm.runtime.tensor(np.ones(1, dtype=np.float32), dev)
         out["call"] = out["ping"]  # TVM has no eager op call; a remote packed-function call is its unit
         del one
@@ -100,13 +103,13 @@ def bench_tvm() -> dict | None:
         server.terminate()
 
 
-def bench_replay(url: str, stores: list[str], local: str | None) -> None:
+def bench_replay(url: str, token: str | None, stores: list[str], local: str | None) -> None:
     """Replay carved stores through the server (and, for comparison, in-process on `local`)."""
     from tapml.backends import get_backend
     from tapml.remote.client import RemoteBackend
     from tapml.replay import run_tests
 
-    be = RemoteBackend(url)
+    be = RemoteBackend(url, token=token)
     here = get_backend(local) if local else None
     print(f"\nreplay through {url}: {be.name} on {be.info.get('device')}")
     print(f"{'store':<12}{'cases':>7}{'pass':>6}{'fail':>6}{'unsup':>6}{'error':>6}{'cases/s':>9}{'wire MB':>9}"
@@ -138,15 +141,20 @@ def main() -> None:
     ap.add_argument("--store", action="append", default=[], help="also replay this carved store (repeatable)")
     ap.add_argument("--local", help="with --store: also replay in-process on this backend, for comparison")
     ap.add_argument("--no-tvm", action="store_true", help="skip TVM RPC")
+    ap.add_argument("--small", action="store_true", help="1 KB and 1 MB only, few repeats (a smoke run)")
     a = ap.parse_args()
+    if a.small:
+        SIZES.pop("64 MB")
+        for n in REPEATS:
+            REPEATS[n] = 3
     os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
     torch.set_num_threads(1)
     proc = None
-    url = a.url
+    url, token = a.url, os.environ.get("TAPML_TOKEN")
     if url is None:
-        proc, url = start_tapml(a.backend)
+        proc, url, token = start_tapml(a.backend)
     try:
-        ours = bench_tapml(url)
+        ours = bench_tapml(url, token)
         theirs = None if a.no_tvm else bench_tvm()
         print(f"loopback RPC, medians ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs)")
         print(f"{'measure':<14}{'TapML':>16}{'TVM RPC':>16}{'TVM time / TapML time':>24}")
@@ -161,12 +169,12 @@ def main() -> None:
                 cells = (f"{n / mine / 1e6:.1f} MB/s", f"{n / other / 1e6:.1f} MB/s" if other else "-",
                          f"{other / mine:.2f}x" if other else "")
             print(f"{key:<14}{cells[0]:>16}{cells[1]:>16}{cells[2]:>24}")
-        if theirs:
+        if theirs and "64 MB" in SIZES:
             ratio = min(theirs[k] / ours[k] for k in ("up 64 MB", "down 64 MB"))
             print(f"64 MB throughput ratio (worse of up/down): {ratio:.2f}x TVM RPC — goal ≥ 3x "
                   f"{'met' if ratio >= 3 else 'NOT met'}")
         if a.store:
-            bench_replay(url, a.store, a.local)
+            bench_replay(url, token, a.store, a.local)
     finally:
         if proc is not None:
             proc.terminate()
