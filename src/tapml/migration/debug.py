@@ -164,45 +164,78 @@ def _curve_svg(drift: list[dict], culprit_call: int | None, width: int = 900, he
 
 
 def to_html(res: DebugResult) -> str:
+    """The report, answer first: the verdict, the culprit (op, instance, module, phase, local or accumulated),
+    the repro command and the drift plot; then the failing cases; the full tables last, collapsed."""
     esc = html.escape
     t = res.tested.totals()
+    loc = res.localization
+    c = loc.culprit if loc else None
+    e = res.e2e
+    bad_cases = [r for r in res.tested.results if r.status in ("fail", "error")]
+    clean = e["passed"] and not bad_cases and c is None
+    if clean:
+        verdict, color = f"{esc(res.model)} runs correctly on {esc(res.target)}", "#2e7d32"
+    elif c is not None:
+        verdict, color = (f"{esc(res.model)} breaks on {esc(res.target)} at <code>{esc(c.op)}</code> @{c.index}",
+                          "#c62828")
+    else:
+        verdict, color = f"{esc(res.model)} has failing op cases on {esc(res.target)}", "#c62828"
+    div = e.get("first_divergent_token")
+    e2e = (f"end to end: {'pass' if e['passed'] else 'FAIL'}, relative error {e['rel_error']:.3g} (tolerance "
+           f"{e['tol']:g})" + (f"; first divergent token at step {div['step']} row {div['row']}: reference "
+                                f"{div['reference']}, target {div['target']}" if div else ""))
+    carved = (f"carved op tests: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} unsupported, "
+              f"{t['error']} errors of {t['cases']} cases ({res.carved.calls} op calls)")
+    answer = ""
+    if c is not None:
+        run_repro = f"pytest {res.repro}" if res.repro else "(no repro: the culprit's inputs were not recorded)"
+        answer = (f'<table class="answer"><tr><th>culprit</th><td><code>{esc(c.op)}</code> instance @{c.index} '
+                  f"(call {c.call} of {loc.calls})</td></tr><tr><th>module</th><td><code>{esc(c.module)}</code>"
+                  f"</td></tr><tr><th>phase</th><td>{esc(c.phase)}</td></tr><tr><th>kind</th><td><b>"
+                  f"{esc(c.verdict)}</b> (local error {_f(c.local_error)}, accumulated {_f(c.accumulated_error)})"
+                  f"</td></tr><tr><th>repro</th><td><code>{esc(run_repro)}</code></td></tr><tr><th>found by</th>"
+                  f"<td>{esc(loc.strategy)}, {loc.runs} model runs, {loc.seconds:.1f}s</td></tr></table>")
+    failing = "".join(
+        f"<tr><td>{esc(r.status)}</td><td><code>{esc(r.op)}</code></td><td>{esc(r.args)}</td>"
+        f"<td>{esc(str(r.provenance.get('module', '')))} {esc(str(r.provenance.get('phase', '')))}</td>"
+        f"<td>{esc(r.reason)}</td></tr>" for r in bad_cases[:200])
+    failing_html = (f"<h2>Failing carved cases ({len(bad_cases)})</h2><table><tr><th>status</th><th>op</th>"
+                    f"<th>arguments</th><th>where</th><th>why</th></tr>{failing}</table>" if bad_cases else "")
+    amplified = [r for r in getattr(res.tested, "amplified", []) if r.status in ("fail", "error")]
+    amplified_html = "".join(
+        f"<tr><td><code>{esc(r.op)}</code></td><td>{esc(r.args)}</td><td>{esc(r.reason)}</td></tr>"
+        for r in amplified[:200])
+    if amplified_html:
+        amplified_html = (f"<h2>Failing amplified variants ({len(amplified)})</h2><table><tr><th>op</th>"
+                          f"<th>variant</th><th>why</th></tr>{amplified_html}</table>")
     kinds = "".join(
         f"<tr><td>{esc(op)}</td><td>{row['pass'] or ''}</td><td>{row['fail'] or ''}</td>"
         f"<td>{row['unsupported'] or ''}</td><td>{row['error'] or ''}</td><td>{row['calls']}</td></tr>"
         for op, row in res.tested.by_kind().items())
-    loc = res.localization
-    c = loc.culprit if loc else None
-    culprit = "<p>No divergence: the model's end-to-end result on the target matches the reference.</p>"
-    if c is not None:
-        repro = Path(res.repro).read_text() if res.repro else "(no repro: inputs were not recorded)"
-        culprit = (f"<table><tr><th>op</th><td><code>{esc(c.op)}</code> instance @{c.index}</td></tr>"
-                   f"<tr><th>call</th><td>{c.call} of {loc.calls}</td></tr>"
-                   f"<tr><th>module</th><td><code>{esc(c.module)}</code></td></tr><tr><th>phase</th>"
-                   f"<td>{esc(c.phase)}</td></tr><tr><th>verdict</th><td><b>{esc(c.verdict)}</b></td></tr>"
-                   f"<tr><th>local error</th><td>{_f(c.local_error)}</td></tr><tr><th>accumulated error</th>"
-                   f"<td>{_f(c.accumulated_error)}</td></tr><tr><th>found by</th><td>{esc(loc.strategy)} in "
-                   f"{loc.runs} model runs, {loc.seconds:.1f}s</td></tr></table>"
-                   f"<h3>Repro <code>{esc(res.repro or '')}</code></h3><pre>{esc(repro)}</pre>")
-    e = res.e2e
-    div = e.get("first_divergent_token")
-    e2e = (f"relative error {e['rel_error']:.3g} (tolerance {e['tol']:g}); "
-           + (f"first divergent token at step {div['step']} row {div['row']}: reference {div['reference']}, "
-              f"target {div['target']}" if div else "generated tokens identical"))
     steps = "".join(f"<tr><td>{s['phase']}</td><td>{s['max_abs']:.3g}</td><td>{s['kl']:.3g}</td>"
                     f"<td>{s['top5_overlap']:.2f}</td></tr>" for s in e.get("steps", []))
+    repro_text = Path(res.repro).read_text() if res.repro else ""
+    repro_html = (f"<details><summary>The repro file {esc(res.repro)}</summary><pre>{esc(repro_text)}</pre>"
+                  "</details>" if res.repro else "")
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>TapML debug: {esc(res.model)} on {esc(res.target)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse;font-size:12px}}
-td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left}} pre{{background:#f6f6f6;padding:8px;font-size:11px}}</style>
-</head><body><h1>TapML debug: {esc(res.model)} on {esc(res.target)}</h1>
-<h2>1. Carved op tests</h2><p>{res.carved.calls} op calls → {t['cases']} cases: <b>{t['pass']}</b> passed,
-<b>{t['fail']}</b> failed, {t['unsupported']} unsupported, {t['error']} errors.</p>
+<style>body{{font-family:system-ui,sans-serif;margin:0;color:#222}} main{{padding:0 24px 24px}}
+.verdict{{background:{color};color:#fff;padding:18px 24px;font-size:22px;font-weight:600}}
+.verdict code{{background:rgba(255,255,255,.18);padding:0 4px}} .sub{{font-size:14px;font-weight:400;margin-top:6px}}
+table{{border-collapse:collapse;font-size:12px;margin:8px 0}} td,th{{border-bottom:1px solid #ddd;padding:3px 8px;
+text-align:left;vertical-align:top}} table.answer{{font-size:15px}} table.answer th{{width:120px;color:#555}}
+pre{{background:#f6f6f6;padding:8px;font-size:11px}} details{{margin:10px 0}} summary{{cursor:pointer;font-weight:600}}</style>
+</head><body><div class="verdict" id="verdict">{verdict}<div class="sub">{esc(e2e)} · {esc(carved)}</div></div>
+<main>{answer}
+<h2>Error along the run, every op on the target</h2>{_curve_svg(res.drift, c.call if c else None)}
+{failing_html}{amplified_html}
+<details><summary>Every op kind of the carved tests ({t['cases']} cases)</summary>
 <table><tr><th>op</th><th>pass</th><th>fail</th><th>unsupported</th><th>error</th><th>calls</th></tr>{kinds}</table>
-<h2>2. Every op on the target: error along the run</h2>{_curve_svg(res.drift, c.call if c else None)}
-<p>End to end: <b>{'pass' if e['passed'] else 'FAIL'}</b> — {esc(e2e)}</p>
-<table><tr><th>step</th><th>max |Δ logits|</th><th>KL</th><th>top-5 overlap</th></tr>{steps}</table>
-<h2>3. Culprit</h2>{culprit}
-</body></html>
+</details>
+<details><summary>Per decode step: logits against the reference</summary>
+<table><tr><th>step</th><th>max |Δ logits|</th><th>KL</th><th>top-5 overlap</th></tr>{steps}</table></details>
+{repro_html}
+</main></body></html>
 """
 
 
