@@ -1,6 +1,6 @@
 """The WebGPU runtime: device, tensor handles, buffer pool, pipeline and bind-group caches, batched dispatch.
 
-It knows buffers, pipelines and dispatches; it must not know ATen ops (`ops.py`) or WGSL text (`wgsl.py`).
+It knows buffers, pipelines and dispatches; it must not know ATen ops (`ops.py`) or WGSL text (`kernels/`).
 Dispatches are recorded into one open compute pass and submitted only when the host needs a result back
 (a read) or writes a buffer, so a chain of ops costs one submission.
 """

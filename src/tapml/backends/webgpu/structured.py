@@ -195,9 +195,9 @@ def _batch_norm(rt: Runtime, x: WGTensor, weight: WGTensor | None, bias: WGTenso
     beta = f"(-b * {alpha})"
     if bias is not None:
         ops.append(_channel(bias, nd))
-        beta = f"({K.wgsl.LETTERS[len(ops) - 1]} - b * {alpha})"
+        beta = f"({K.LETTERS[len(ops) - 1]} - b * {alpha})"
     ops.append(float(eps))
-    expr = f"a * {alpha} + {beta}".replace("EPS", K.wgsl.LETTERS[len(ops) - 1])
+    expr = f"a * {alpha} + {beta}".replace("EPS", K.LETTERS[len(ops) - 1])
     return K.ew(rt, expr, ops, K.new(rt, x.shape, x.dtype), ["f32"] * len(ops), "f32")
 
 
