@@ -118,7 +118,7 @@ def sweep(be, small: bool) -> None:
         for cfg in [(128, 128, 8, 8, 8), (128, 128, 16, 8, 8), (128, 64, 8, 8, 8), (64, 128, 8, 8, 8),
                     (64, 128, 16, 8, 8), (64, 64, 8, 8, 8), (64, 64, 16, 8, 8), (64, 64, 16, 4, 4),
                     (32, 64, 16, 4, 8), (128, 256, 8, 8, 16), (128, 64, 16, 8, 4), (64, 64, 32, 8, 8)]:
-            gemm.FAST = cfg
+            gemm.FAST = gemm.Tile(*cfg)
             try:
                 t = gpu_seconds(rt, lambda ha=ha, hb=hb, out=out: K.matmul(rt, ha, hb, out=out, fast=True),
                                 4 if n >= 4096 else 16)

@@ -3,7 +3,8 @@
 Tensors live on the device as `WGTensor` handles; every op the backend claims is computed by a kernel, and
 an op or dtype it cannot run is turned down by `supports` with a reason. It must not fall back to torch.
 Layout: `runtime` (device, caches, batching), `kernels/` (one module per kernel family: WGSL beside its
-launcher), `transfer` (upload/download), `ops` (the op table) with `pointwise` and `structured` (the handlers).
+launcher), `transfer` (upload/download), `ops` (the op table) with `pointwise` and `structured` (the
+handlers).
 """
 
 from __future__ import annotations

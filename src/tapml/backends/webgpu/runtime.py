@@ -199,9 +199,9 @@ def _env_flag(name: str) -> bool:
 
 
 class RuntimeBase:
-    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers and the kernel
-    cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and `finalize`, makes and
-    drops buffers and compiles kernels."""
+    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers, the kernel
+    cache and the launch-plan cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and
+    `finalize`, makes and drops buffers and compiles kernels."""
 
     who = "webgpu"
 
@@ -211,6 +211,8 @@ class RuntimeBase:
         self._pool_cap = 1 << 30
         self._kernels: dict[Any, Kernel] = {}  # by specialization key
         self._by_source: dict[str, Kernel] = {}  # by final WGSL: keys that generate the same text share one
+        # the kernel library's launch plans by operand layout (kernels.elementwise.Plan; opaque here)
+        self.plans: dict[tuple, Any] = {}
 
     def _new_buffer(self, size: int) -> _Buf:
         raise NotImplementedError
@@ -299,7 +301,6 @@ class Runtime(RuntimeBase):
         self.stats = Stats()
         self._init_caches()
         self._staging: dict[int, Any] = {}
-        self.plans: dict[tuple, tuple] = {}  # launch plans of the kernel library, by operand layout
         self._layouts: dict[str, tuple[Any, Any]] = {}
         self._groups: OrderedDict[tuple, Any] = OrderedDict()
         self._arena = self.device.create_buffer(size=_ARENA_BYTES, usage=wgpu.BufferUsage.UNIFORM

@@ -53,7 +53,6 @@ class BrowserRuntime(RuntimeBase):
         self.int64_native = False
         self.dtypes = DTYPES
         self.finalize: Callable[[str], str] = lambda src: src  # the kernel library's last pass over a source
-        self.plans: dict[tuple, tuple] = {}  # launch plans of the kernel library, by operand layout
         self.stats = Stats()
         self._init_caches()
         self._next_buf = 0

@@ -1,6 +1,5 @@
-"""2-d convolution and pooling (max with indices, avg, adaptive avg), one thread per output: WGSL beside launchers.
-
-Shapes arrive computed (output size, padding per side); ATen argument conventions stay in the handlers.
+"""2-d convolution and pooling (max with indices, avg, adaptive avg), one thread per output: WGSL beside
+launchers. Shapes arrive computed (output size, padding per side); ATen conventions stay in the handlers.
 """
 
 from __future__ import annotations
@@ -10,41 +9,50 @@ from collections.abc import Sequence
 import torch
 
 from tapml.backends.webgpu.kernels.host import new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, header, load, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
+
+# Sizes, (h, w) pairs of stride, padding and dilation, groups; then each tensor's offset and strides
+# (b: the bias).
+CONV2D = Slots("N Cin H W Cout OH OW KH KW stride:2 pad:2 dil:2 groups",
+               "x_off x_st:4 w_off w_st:4 b_off b_st o_off o_st:4")
+# NC = N * C; count_pad: avg counts padding; divisor: avg's divisor_override (0: none); out and index
+# outputs are fresh (offsets only).
+POOL2D = Slots("NC C H W OH OW KH KW stride:2 pad:2 dil:2 count_pad divisor", "x_off x_st:4 o_off i_off")
 
 
 def conv2d_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
     """Direct convolution, one thread per output (n, co, oh, ow), groups/stride/padding/dilation.
-    Params: [0] N [1] Cin [2] H [3] W [4] Cout [5] OH [6] OW [7] KH [8] KW [9] sh [10] sw [11] ph [12] pw
-    [13] dh [14] dw [15] groups; x off + 4 strides 16..20; w off + 4 strides 21..25; bias off/stride 26..27;
-    out off + 4 strides 28..32."""
+    Params: CONV2D."""
+    p = CONV2D.bind()
+    u = p.u
     binds = [("o", "w", ost), ("x", "r", st), ("w", "r", st)] + ([("bb", "r", st)] if bias else [])
     src = [header(binds, 64), ENTRY.format(wg=64)]
-    binit = load(st, "f32", "bb[pu(26u) + co * pu(27u)]") if bias else "0.0"
+    binit = load(st, "f32", f"bb[{u.b_off} + co * {u.b_st}]") if bias else "0.0"
+    o_at = f"{u.o_off} + nb * {u.o_st[0]} + co * {u.o_st[1]} + oh * {u.o_st[2]} + ow * {u.o_st[3]}"
     src.append(f"""  let t = (wid.x + wid.y * nwg.x) * WG + lid;
-  let N = pu(0u); let Cin = pu(1u); let H = i32(pu(2u)); let W = i32(pu(3u)); let Cout = pu(4u);
-  let OH = pu(5u); let OW = pu(6u); let KH = pu(7u); let KW = pu(8u);
+  let N = {u.N}; let Cin = {u.Cin}; let H = i32({u.H}); let W = i32({u.W}); let Cout = {u.Cout};
+  let OH = {u.OH}; let OW = {u.OW}; let KH = {u.KH}; let KW = {u.KW};
   if (t >= N * Cout * OH * OW) {{ return; }}
   let ow = t % OW; let oh = (t / OW) % OH; let co = (t / (OW * OH)) % Cout; let nb = t / (OW * OH * Cout);
-  let cin_g = Cin / pu(15u); let cout_g = Cout / pu(15u);
+  let cin_g = Cin / {u.groups}; let cout_g = Cout / {u.groups};
   let g = co / cout_g;
   var acc = 0.0;
   for (var ci = 0u; ci < cin_g; ci = ci + 1u) {{
-    let xc = pu(16u) + nb * pu(17u) + (g * cin_g + ci) * pu(18u);
-    let wc = pu(21u) + co * pu(22u) + ci * pu(23u);
+    let xc = {u.x_off} + nb * {u.x_st[0]} + (g * cin_g + ci) * {u.x_st[1]};
+    let wc = {u.w_off} + co * {u.w_st[0]} + ci * {u.w_st[1]};
     for (var kh = 0u; kh < KH; kh = kh + 1u) {{
-      let ih = i32(oh * pu(9u) + kh * pu(13u)) - pi(11u);
+      let ih = i32(oh * {u.stride[0]} + kh * {u.dil[0]}) - {p.i.pad[0]};
       if (ih < 0 || ih >= H) {{ continue; }}
       for (var kw = 0u; kw < KW; kw = kw + 1u) {{
-        let iw = i32(ow * pu(10u) + kw * pu(14u)) - pi(12u);
+        let iw = i32(ow * {u.stride[1]} + kw * {u.dil[1]}) - {p.i.pad[1]};
         if (iw < 0 || iw >= W) {{ continue; }}
-        acc = fma({load(st, 'f32', 'x[xc + u32(ih) * pu(19u) + u32(iw) * pu(20u)]')},
-                  {load(st, 'f32', 'w[wc + kh * pu(24u) + kw * pu(25u)]')}, acc);
+        acc = fma({load(st, 'f32', f'x[xc + u32(ih) * {u.x_st[2]} + u32(iw) * {u.x_st[3]}]')},
+                  {load(st, 'f32', f'w[wc + kh * {u.w_st[2]} + kw * {u.w_st[3]}]')}, acc);
       }}
     }}
   }}
-  o[pu(28u) + nb * pu(29u) + co * pu(30u) + oh * pu(31u) + ow * pu(32u)] = {store('f32', ost, owrap, f'acc + {binit}')};
+  o[{o_at}] = {store('f32', ost, owrap, f'acc + {binit}')};
 }}
 """)
     return "".join(src), "wrr" + ("r" if bias else "")
@@ -52,47 +60,49 @@ def conv2d_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
 
 def pool2d_wgsl(kind: str, st: str, ost: str, owrap: str, ist: str = "i32") -> tuple[str, str]:
     """kind: max (values + flat h*W+w indices), avg, adaptive_avg. One thread per output (n*c, oh, ow).
-    Params: [0] NC [1] C [2] H [3] W [4] OH [5] OW [6] KH [7] KW [8] sh [9] sw [10] ph [11] pw [12] dh [13] dw
-    [14] count_include_pad [15] divisor (0 = none); x off/sn/sc/sh/sw 16..20; out off 21; idx off 22."""
+    Params: POOL2D."""
+    p = POOL2D.bind()
+    u, i = p.u, p.i
     binds = [("o", "w", ost)] + ([("oi", "w", ist)] if kind == "max" else []) + [("x", "r", st)]
     src = [header(binds, 64), ENTRY.format(wg=64)]
-    src.append("""  let t = (wid.x + wid.y * nwg.x) * WG + lid;
-  let NC = pu(0u); let C = pu(1u); let H = i32(pu(2u)); let W = i32(pu(3u)); let OH = pu(4u); let OW = pu(5u);
-  if (t >= NC * OH * OW) { return; }
+    src.append(f"""  let t = (wid.x + wid.y * nwg.x) * WG + lid;
+  let NC = {u.NC}; let C = {u.C}; let H = i32({u.H}); let W = i32({u.W}); let OH = {u.OH}; let OW = {u.OW};
+  if (t >= NC * OH * OW) {{ return; }}
   let ow = t % OW; let oh = (t / OW) % OH; let nc = t / (OW * OH);
-  let xb = pu(16u) + (nc / C) * pu(17u) + (nc % C) * pu(18u);
+  let xb = {u.x_off} + (nc / C) * {u.x_st[0]} + (nc % C) * {u.x_st[1]};
 """)
-    ld = load(st, "f32", "x[xb + u32(ih) * pu(19u) + u32(iw) * pu(20u)]")
+    ld = load(st, "f32", f"x[xb + u32(ih) * {u.x_st[2]} + u32(iw) * {u.x_st[3]}]")
+    h0, w0 = f"i32(oh * {u.stride[0]}) - {i.pad[0]}", f"i32(ow * {u.stride[1]}) - {i.pad[1]}"  # window corner
     if kind == "max":
-        src.append(f"""  let h0 = i32(oh * pu(8u)) - pi(10u); let w0 = i32(ow * pu(9u)) - pi(11u);
+        src.append(f"""  let h0 = {h0}; let w0 = {w0};
   var best = -f_inf();
   var bi = -1;
-  for (var kh = 0u; kh < pu(6u); kh = kh + 1u) {{
-    let ih = h0 + i32(kh * pu(12u));
+  for (var kh = 0u; kh < {u.KH}; kh = kh + 1u) {{
+    let ih = h0 + i32(kh * {u.dil[0]});
     if (ih < 0 || ih >= H) {{ continue; }}
-    for (var kw = 0u; kw < pu(7u); kw = kw + 1u) {{
-      let iw = w0 + i32(kw * pu(13u));
+    for (var kw = 0u; kw < {u.KW}; kw = kw + 1u) {{
+      let iw = w0 + i32(kw * {u.dil[1]});
       if (iw < 0 || iw >= W) {{ continue; }}
       let v = {ld};
       if (bi < 0 || v > best || (is_nan(v) && !is_nan(best))) {{ best = v; bi = ih * W + iw; }}
     }}
   }}
-  o[pu(21u) + t] = {store('f32', ost, owrap, 'best')};
-  oi[pu(22u) + t] = {ist}(bi);
+  o[{u.o_off} + t] = {store('f32', ost, owrap, 'best')};
+  oi[{u.i_off} + t] = {ist}(bi);
 }}
 """)
     elif kind == "avg":
-        src.append(f"""  var hs = i32(oh * pu(8u)) - pi(10u); var ws = i32(ow * pu(9u)) - pi(11u);
-  var he = min(hs + i32(pu(6u)), H + pi(10u)); var we = min(ws + i32(pu(7u)), W + pi(11u));
+        src.append(f"""  var hs = {h0}; var ws = {w0};
+  var he = min(hs + i32({u.KH}), H + {i.pad[0]}); var we = min(ws + i32({u.KW}), W + {i.pad[1]});
   let pool = (he - hs) * (we - ws);
   hs = max(hs, 0); ws = max(ws, 0); he = min(he, H); we = min(we, W);
   var s = 0.0;
   for (var ih = hs; ih < he; ih = ih + 1) {{
     for (var iw = ws; iw < we; iw = iw + 1) {{ s = s + {ld}; }}
   }}
-  var div = f32(select((he - hs) * (we - ws), pool, pu(14u) != 0u));
-  if (pi(15u) != 0) {{ div = f32(pi(15u)); }}
-  o[pu(21u) + t] = {store('f32', ost, owrap, 's / div')};
+  var div = f32(select((he - hs) * (we - ws), pool, {u.count_pad} != 0u));
+  if ({i.divisor} != 0) {{ div = f32({i.divisor}); }}
+  o[{u.o_off} + t] = {store('f32', ost, owrap, 's / div')};
 }}
 """)
     else:
@@ -103,7 +113,7 @@ def pool2d_wgsl(kind: str, st: str, ost: str, owrap: str, ist: str = "i32") -> t
   for (var ih = hs; ih < he; ih = ih + 1) {{
     for (var iw = ws; iw < we; iw = iw + 1) {{ s = s + {ld}; }}
   }}
-  o[pu(21u) + t] = {store('f32', ost, owrap, 's / f32((he - hs) * (we - ws))')};
+  o[{u.o_off} + t] = {store('f32', ost, owrap, 's / f32((he - hs) * (we - ws))')};
 }}
 """)
     return "".join(src), "w" + ("w" if kind == "max" else "") + "r"
@@ -117,15 +127,16 @@ def conv2d(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride:
     if out.numel() == 0:
         return out
     oh, ow = out_shape[2], out_shape[3]
-    params = [n, cin, hh, ww, cout, oh, ow, kh, kw, stride[0], stride[1], padding[0], padding[1],
-              dilation[0], dilation[1], groups]
-    params += [x.offset] + list(x.stride) + [w.offset] + list(w.stride)
-    params += [bias.offset, bias.stride[0]] if bias is not None else [0, 0]
-    params += [out.offset] + list(out.stride)
+    params = CONV2D.bind().pack(N=n, Cin=cin, H=hh, W=ww, Cout=cout, OH=oh, OW=ow, KH=kh, KW=kw,
+                                stride=stride, pad=padding, dil=dilation, groups=groups, x_off=x.offset,
+                                x_st=x.stride, w_off=w.offset, w_st=w.stride,
+                                b_off=bias.offset if bias is not None else 0,
+                                b_st=bias.stride[0] if bias is not None else 0, o_off=out.offset,
+                                o_st=out.stride)
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("conv2d", st, ost, wrap, bias is not None),
-                  lambda: conv2d_wgsl(st, ost, wrap, bias is not None)[0], "wrr" + ("r" if bias is not None else ""),
-                  "conv2d")
+                  lambda: conv2d_wgsl(st, ost, wrap, bias is not None)[0],
+                  "wrr" + ("r" if bias is not None else ""), "conv2d")
     bufs = [out.buf, x.buf, w.buf] + ([bias.buf] if bias is not None else [])
     rt.dispatch(k, bufs, params, -(-out.numel() // 64))
     return out
@@ -141,9 +152,10 @@ def pool2d(rt: Runtime, kind: str, x: WGTensor, out_hw: Sequence[int], kernel: S
     idx = new(rt, (n, c, oh, ow), torch.int64) if kind == "max" else None
     if out.numel() == 0:
         return out, idx
-    params = [n * c, c, hh, ww, oh, ow, kernel[0], kernel[1], stride[0], stride[1], padding[0], padding[1],
-              dilation[0], dilation[1], int(count_include_pad), divisor or 0]
-    params += [x.offset] + list(x.stride) + [out.offset, idx.offset if idx is not None else 0]
+    params = POOL2D.bind().pack(NC=n * c, C=c, H=hh, W=ww, OH=oh, OW=ow, KH=kernel[0], KW=kernel[1],
+                                stride=stride, pad=padding, dil=dilation, count_pad=int(count_include_pad),
+                                divisor=divisor or 0, x_off=x.offset, x_st=x.stride, o_off=out.offset,
+                                i_off=idx.offset if idx is not None else 0)
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     ist = idx.info.storage if idx is not None else "i32"
     k = rt.kernel(("pool", kind, st, ost, wrap, ist), lambda: pool2d_wgsl(kind, st, ost, wrap, ist)[0],

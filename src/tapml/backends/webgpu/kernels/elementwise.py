@@ -6,23 +6,35 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from tapml.backends.webgpu.kernels.host import MAXD, bcast_strides, coalesce, native_ct, new, words
-from tapml.backends.webgpu.kernels.prelude import ENTRY, decompose, header, load, offset, store
-from tapml.backends.webgpu.runtime import Runtime, WGTensor
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Layout, Slots, decompose, header, load, offset, store
+from tapml.backends.webgpu.runtime import Kernel, Runtime, WGTensor
 from tapml.errors import TapmlError
 
 LETTERS = "abcdefgh"
 
 
-def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool, coords: bool = False) -> tuple[str, str]:
+def ew_slots(operands: Sequence[tuple], nd: int, vec: bool) -> Layout:
+    """The parameter words of one elementwise kernel: numel (the vec4 count when `vec`), the shape, per tensor
+    (out first) its offset and strides (only the offset when `vec`: unit strides), then each scalar operand
+    (two words for i64)."""
+    ntensors = 1 + sum(o[0] in "to" for o in operands)
+    tensors = [f"off{k}" if vec else f"off{k} st{k}:nd" for k in range(ntensors)]
+    scalars = [f"s{j}:2" if o[1] == "i64" else f"s{j}" for j, o in enumerate(operands) if o[0] == "s"]
+    return Slots("numel", "" if vec else "shape:nd", *tensors, *scalars).bind(nd=nd)
+
+
+def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool,
+                     coords: bool = False) -> tuple[str, str]:
     """out = expr(a, b, ...) over a strided N-d index space (broadcasting = stride 0).
 
-    operands: ('t', storage, ct) tensors or ('s', ct) scalars from the parameter window; out: (storage, wrap,
-    result type). Params: [0] numel (vec4 count when `vec`), [1..nd] shape, then per tensor (out first) an
-    offset and nd strides, then one word per scalar. `vec`: 1-d unit-stride operands, four lanes per thread.
+    operands: ('t', storage, ct) tensors, ('o', storage, ct) tensors in the output's buffer, or ('s', ct)
+    scalars from the parameter window; out: (storage, wrap, result type). Params: `ew_slots`. `vec`: 1-d
+    unit-stride operands, four lanes per thread.
     `idx` (the linear index, u32) and, with `coords`, `row`/`col` (last two coordinates) are in scope.
     """
     ostore, owrap, rt = out
@@ -34,16 +46,14 @@ def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool,
         nb += o[0] == "t"
     binds += [(f"i{k}", "r", f"vec4<{o[1]}>" if vec else o[1]) for k, o in enumerate(t for t in tensors if t[0] == "t")]
     wg = 256
+    p = ew_slots(operands, nd, vec)
     src = [header(binds, wg), ENTRY.format(wg=wg)]
-    src.append("  let idx = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (idx >= pu(0u)) { return; }\n")
-    per = 1 if vec else 1 + nd
-    base = 1 if vec else 1 + nd
-    sc_at = base + per * (len(tensors) + 1)
+    src.append(f"  let idx = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (idx >= {p.u.numel}) {{ return; }}\n")
     if vec:
-        offs = [f"pu({base + k}u) + idx" for k in range(len(tensors) + 1)]
+        offs = [f"{p.u[f'off{k}']} + idx" for k in range(len(tensors) + 1)]
     else:
-        src.append(decompose(nd, "idx", 1))
-        offs = [offset(nd, base + k * per) for k in range(len(tensors) + 1)]
+        src.append(decompose("idx", p.u.shape))
+        offs = [offset(p.u[f"off{k}"], p.u[f"st{k}"]) for k in range(len(tensors) + 1)]
         if coords:
             src.append(f"  let row = i32(c{nd - 2});\n  let col = i32(c{nd - 1});\n")
     for k in range(len(tensors)):
@@ -52,17 +62,18 @@ def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool,
     results = []
     for lane in lanes:
         sfx = "" if lane is None else f"[{lane}]"
-        body, t, s = [], 0, 0
+        body, t = [], 0
         for j, o in enumerate(operands):
             if o[0] in "to":
                 body.append(f"    let {LETTERS[j]} = {load(o[1], o[2], f'v{t}{sfx}')};")
                 t += 1
+            elif o[1] == "i64":  # (low word, high word)
+                lo, hi = p.u[f"s{j}"][0], p.i[f"s{j}"][1]
+                body.append(f"    let {LETTERS[j]} = ((i64({hi}) << 32u) | i64({lo}));")
             else:
-                k = sc_at + s
-                raw = {"f32": f"pf({k}u)", "i32": f"pi({k}u)", "bool": f"(pi({k}u) != 0)",
-                       "i64": f"((i64(pi({k + 1}u)) << 32u) | i64(pu({k}u)))"}
+                s = f"s{j}"
+                raw = {"f32": p.f[s], "i32": p.i[s], "bool": f"({p.i[s]} != 0)"}
                 body.append(f"    let {LETTERS[j]} = {raw[o[1]]};")
-                s += 2 if o[1] == "i64" else 1
         if vec:
             body.insert(0, f"    let idx = idx * 4u + {lane}u;")
         name = f"r{lane if lane is not None else ''}"
@@ -75,6 +86,20 @@ def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool,
 
 
 _I_HELPER = re.compile(r"\bi_(pow|floordiv|rem|fmod)\(")
+
+
+@dataclass(slots=True)
+class Plan:
+    """How one elementwise layout launches, worked out once (broadcast, coalescing, kernel choice) and cached
+    on the runtime by layout: a call fills in only the tensors' offsets and the scalars."""
+
+    kernel: Kernel
+    params: list[int]  # the parameter words, with offsets and scalars left 0
+    offsets: list[int]  # the word of each tensor's offset, out first (counted in vec4s when `vec`)
+    vec: bool
+    bound: list[int]  # the operands bound as buffers after out (tensors not in out's storage)
+    scalars: list[tuple[int, str, int]]  # (operand index, compute type, first word)
+    grid: tuple[int, int, int]
 
 def ew(rt: Runtime, expr: str, operands: Sequence, out: WGTensor, cts: Sequence[str], rtype: str,
        coords: bool = False) -> WGTensor:
@@ -93,19 +118,19 @@ def ew(rt: Runtime, expr: str, operands: Sequence, out: WGTensor, cts: Sequence[
         if len(rt.plans) > 50000:
             rt.plans.clear()
         rt.plans[key] = plan
-    kernel, params, offset_at, vec, bound, scalars, groups = plan
-    params = params.copy()
+    params = plan.params.copy()
     tens = [out] + [o for o in operands if type(o) is WGTensor]
-    for at, t in zip(offset_at, tens):
-        params[at] = t.offset >> 2 if vec else t.offset
-    for i, ct in scalars:
-        params += words(operands[i], ct)
-    rt.dispatch(kernel, [out.buf] + [operands[i].buf for i in bound], params, groups)
+    for at, t in zip(plan.offsets, tens):
+        params[at] = t.offset >> 2 if plan.vec else t.offset
+    for i, ct, at in plan.scalars:
+        w = words(operands[i], ct)
+        params[at: at + len(w)] = w
+    rt.dispatch(plan.kernel, [out.buf] + [operands[i].buf for i in plan.bound], params, plan.grid)
     return out
 
 
 def _ew_plan(rt: Runtime, expr: str, operands: Sequence, out: WGTensor, cts: Sequence[str], rtype: str,
-             coords: bool) -> tuple:
+             coords: bool) -> Plan:
     numel = out.numel()
     cts = [native_ct(rt, c) for c in cts]
     rtype = native_ct(rt, rtype)
@@ -133,20 +158,18 @@ def _ew_plan(rt: Runtime, expr: str, operands: Sequence, out: WGTensor, cts: Seq
     ospec = (out.info.storage, out.info.wrap, rtype)
     bound = [i for i, o in enumerate(operands) if isinstance(o, WGTensor) and o.storage is not out.storage]
     kernel = rt.kernel(("ew", expr, spec, ospec, nd, vec, coords),
-                       lambda: elementwise_wgsl(nd, spec, ospec, expr, vec, coords)[0], "w" + "r" * len(bound),
-                       "elementwise")
-    if vec:
-        params = [numel // 4] + [0] * len(tens)
-        offset_at = list(range(1, 1 + len(tens)))
-        groups = -(-numel // 4 // 256)
-    else:
-        params, offset_at = [numel] + cshape, []
-        for s in cstrides:
-            offset_at.append(len(params))
-            params += [0] + s
-        groups = -(-numel // 256)
-    scalars = [(i, ct) for i, (o, ct) in enumerate(zip(operands, cts)) if not isinstance(o, WGTensor)]
-    return kernel, params, offset_at, vec, bound, scalars, rt.grid(groups)
+                       lambda: elementwise_wgsl(nd, spec, ospec, expr, vec, coords)[0],
+                       "w" + "r" * len(bound), "elementwise")
+    p = ew_slots(spec, nd, vec)
+    # offsets and scalars are left 0 in the plan: each call fills them in
+    words_of = {f"s{i}": [0, 0] if o[1] == "i64" else 0 for i, o in enumerate(spec) if o[0] == "s"}
+    words_of.update({f"off{k}": 0 for k in range(len(tens))}, numel=numel // 4 if vec else numel)
+    if not vec:
+        words_of.update({f"st{k}": s for k, s in enumerate(cstrides)}, shape=cshape)
+    groups = -(-numel // 4 // 256) if vec else -(-numel // 256)
+    scalars = [(i, o[1], p.at[f"s{i}"]) for i, o in enumerate(spec) if o[0] == "s"]
+    return Plan(kernel, p.pack(**words_of), [p.at[f"off{k}"] for k in range(len(tens))], vec, bound, scalars,
+                rt.grid(groups))
 
 
 def copy(rt: Runtime, src: WGTensor, dst: WGTensor) -> WGTensor:

@@ -1,28 +1,47 @@
-"""Matrix products: the tiled any-stride matmul, the fast aligned f32 kernel and grouped_mm, WGSL beside launchers.
-
-Tile configurations live here (and only here); ATen conventions (addmm's alpha/beta, bmm's batch) stay in the handlers.
+"""Matrix products: the tiled any-stride matmul, the fast aligned f32 kernel and grouped_mm, WGSL beside
+launchers. Tile choices live here; ATen conventions (addmm's alpha/beta, bmm's batch) stay in the handlers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from tapml.backends.webgpu.kernels.elementwise import ew, fill
 from tapml.backends.webgpu.kernels.host import bcast_strides, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, header, load, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 from tapml.errors import TapmlError
 
 
-def matmul_wgsl(cfg: tuple, st_a: str, st_b: str, st_c: str | None, ost: str, owrap: str) -> tuple[str, str]:
+class Tile(NamedTuple):
+    """A matmul kernel's blocking: a BM x BN output tile per workgroup, stepping BK along k, TM x TN outputs
+    per thread."""
+
+    bm: int
+    bn: int
+    bk: int
+    tm: int
+    tn: int
+
+
+# Both matmul kernels (the fast one reads a subset): each operand's offset and its (batch, row, column)
+# strides; c is the bias (zeros when there is none). Word 3 is unused, so each operand's words start a vec4.
+MATMUL = Slots("M N K pad", "a_off a_st:3 b_off b_st:3 o_off o_st:3 c_off c_st:3", "alpha beta")
+# offs is the int tensor of the groups' end rows
+GROUPED_MM = Slots("M N K G", "a_off a_st:2 b_off b_st:3 offs_off offs_st o_off o_st:2")
+
+
+def matmul_wgsl(tile: Tile, a_kfast: bool, b_nfast: bool, st_a: str, st_b: str, st_c: str | None, ost: str,
+                owrap: str) -> tuple[str, str]:
     """C[b] = alpha * A[b] @ B[b] (+ beta * bias[b]) with arbitrary strides, tiled through workgroup memory and
     register-blocked (each thread owns TM x TN outputs).
 
-    cfg = (BM, BN, BK, TM, TN, a_kfast, b_nfast): the load order follows whichever stride is 1 so global reads
-    coalesce. Params: [0] M [1] N [2] K; A off/sb/sm/sk at 4..7; B off/sb/sk/sn at 8..11; out off/sb/sm/sn at
-    12..15; bias off/sb/sm/sn at 16..19; [20] alpha [21] beta (f32).
+    a_kfast, b_nfast: the load order follows whichever stride is 1 so global reads coalesce. Params: MATMUL.
     """
-    bm, bn, bk, tm, tn, a_kfast, b_nfast = cfg
+    bm, bn, bk, tm, tn = tile
+    p = MATMUL.bind()
     tx, ty = bn // tn, bm // tm
     nt = tx * ty
     binds = [("o", "w", ost), ("a", "r", st_a), ("b", "r", st_b)] + ([("c", "r", st_c)] if st_c else [])
@@ -30,12 +49,13 @@ def matmul_wgsl(cfg: tuple, st_a: str, st_b: str, st_c: str | None, ost: str, ow
            ENTRY.format(wg=nt)]
     a_idx = (f"let kk = id % {bk}u; let m = id / {bk}u;" if a_kfast else f"let m = id % {bm}u; let kk = id / {bm}u;")
     b_idx = (f"let n = id % {bn}u; let kk = id / {bn}u;" if b_nfast else f"let kk = id % {bk}u; let n = id / {bk}u;")
-    src.append(f"""  let M = pu(0u); let N = pu(1u); let K = pu(2u);
+    a_st, b_st, o_st, c_st = p.u.a_st, p.u.b_st, p.u.o_st, p.u.c_st
+    src.append(f"""  let M = {p.u.M}; let N = {p.u.N}; let K = {p.u.K};
   let bz = wid.z;
   let tile_m = wid.y * {bm}u; let tile_n = wid.x * {bn}u;
   let tx = lid % {tx}u; let ty = lid / {tx}u;
-  let abase = pu(4u) + bz * pu(5u);
-  let bbase = pu(8u) + bz * pu(9u);
+  let abase = {p.u.a_off} + bz * {a_st[0]};
+  let bbase = {p.u.b_off} + bz * {b_st[0]};
   var acc: array<f32, {tm * tn}>;
   for (var i = 0u; i < {tm * tn}u; i = i + 1u) {{ acc[i] = 0.0; }}
   for (var k0 = 0u; k0 < K; k0 = k0 + {bk}u) {{
@@ -45,7 +65,7 @@ def matmul_wgsl(cfg: tuple, st_a: str, st_b: str, st_c: str | None, ost: str, ow
         {a_idx}
         let gm = tile_m + m; let gk = k0 + kk;
         var v = 0.0;
-        if (gm < M && gk < K) {{ v = {load(st_a, 'f32', 'a[abase + gm * pu(6u) + gk * pu(7u)]')}; }}
+        if (gm < M && gk < K) {{ v = {load(st_a, 'f32', f'a[abase + gm * {a_st[1]} + gk * {a_st[2]}]')}; }}
         As[kk * {bm}u + m] = v;
       }}
     }}
@@ -55,7 +75,7 @@ def matmul_wgsl(cfg: tuple, st_a: str, st_b: str, st_c: str | None, ost: str, ow
         {b_idx}
         let gn = tile_n + n; let gk = k0 + kk;
         var v = 0.0;
-        if (gn < N && gk < K) {{ v = {load(st_b, 'f32', 'b[bbase + gk * pu(10u) + gn * pu(11u)]')}; }}
+        if (gn < N && gk < K) {{ v = {load(st_b, 'f32', f'b[bbase + gk * {b_st[1]} + gn * {b_st[2]}]')}; }}
         Bs[kk * {bn}u + n] = v;
       }}
     }}
@@ -72,16 +92,17 @@ def matmul_wgsl(cfg: tuple, st_a: str, st_b: str, st_c: str | None, ost: str, ow
     workgroupBarrier();
   }}
 """)
-    bias = (f"v = v + pf(21u) * {load(st_c, 'f32', 'c[pu(16u) + bz * pu(17u) + gm * pu(18u) + gn * pu(19u)]')};"
+    bias = (f"v = v + {p.f.beta} * "
+            f"{load(st_c, 'f32', f'c[{p.u.c_off} + bz * {c_st[0]} + gm * {c_st[1]} + gn * {c_st[2]}]')};"
             if st_c else "")
     src.append(f"""  for (var i = 0u; i < {tm}u; i = i + 1u) {{
     let gm = tile_m + ty * {tm}u + i;
     for (var j = 0u; j < {tn}u; j = j + 1u) {{
       let gn = tile_n + tx * {tn}u + j;
       if (gm < M && gn < N) {{
-        var v = pf(20u) * acc[i * {tn}u + j];
+        var v = {p.f.alpha} * acc[i * {tn}u + j];
         {bias}
-        o[pu(12u) + bz * pu(13u) + gm * pu(14u) + gn * pu(15u)] = {store('f32', ost, owrap, 'v')};
+        o[{p.u.o_off} + bz * {o_st[0]} + gm * {o_st[1]} + gn * {o_st[2]}] = {store('f32', ost, owrap, 'v')};
       }}
     }}
   }}
@@ -90,19 +111,20 @@ def matmul_wgsl(cfg: tuple, st_a: str, st_b: str, st_c: str | None, ost: str, ow
     return "".join(src), "wrr" + ("r" if st_c else "")
 
 
-def matmul_fast_wgsl(cfg: tuple) -> tuple[str, str]:
+def matmul_fast_wgsl(tile: Tile) -> tuple[str, str]:
     """f32 row-major C = alpha * A @ B for aligned shapes (M % BM == N % BN == K % BK == 0, offsets and leading
     dims % 4 == 0): vec4 global loads prefetched into registers, double-buffered workgroup tiles (one barrier
     per tile), and a TM x TN register block per thread, fully unrolled into named registers (a private
     array indexed in a loop would live in slow local memory).
 
-    cfg = (BM, BN, BK, TM, TN). Thread (tx, ty) owns rows (ty + i*TY)*4.. and vec4 columns tx + j*TX, so
-    neighbouring threads read neighbouring workgroup words and write neighbouring output vectors.
-    Params as `matmul`: A off/sb/lda at 4..6, B off/sb/ldb at 8..10, out off/sb/ldo at 12..14, alpha at 20.
+    Thread (tx, ty) owns rows (ty + i*TY)*4.. and vec4 columns tx + j*TX, so neighbouring threads read
+    neighbouring workgroup words and write neighbouring output vectors. Params: MATMUL (the row strides are
+    the leading dimensions; column strides are 1 and the bias is absent).
     """
-    bm, bn, bk, tm, tn = cfg
+    bm, bn, bk, tm, tn = tile
+    p = MATMUL.bind()
     if tm % 4 or tn % 4 or bk % 4:
-        raise ValueError(f"matmul_fast needs TM, TN and BK multiples of 4, got {cfg}")
+        raise ValueError(f"matmul_fast needs TM, TN and BK multiples of 4, got {tuple(tile)}")
     tx, ty = bn // tn, bm // tm
     nt = tx * ty
     mi, nj = tm // 4, tn // 4  # vec4 blocks per thread along m and n
@@ -137,14 +159,14 @@ def matmul_fast_wgsl(cfg: tuple) -> tuple[str, str]:
     src.append(f"var<workgroup> As: array<vec4<f32>, {2 * bk * bm4}>;\n"
                f"var<workgroup> Bs: array<vec4<f32>, {2 * bk * bn4}>;\n")
     src.append(ENTRY.format(wg=nt))
-    src.append(f"""  let K = pu(2u);
+    src.append(f"""  let K = {p.u.K};
   let bz = wid.z;
   let tile_m = wid.y * {bm}u; let tile_n = wid.x * {bn}u;
   let tx = lid % {tx}u; let ty = lid / {tx}u;
-  let lda = pu(6u) / 4u;
-  let ldb = pu(10u) / 4u;
-  let abase = (pu(4u) + bz * pu(5u)) / 4u;
-  let bbase = (pu(8u) + bz * pu(9u)) / 4u;
+  let lda = {p.u.a_st[1]} / 4u;
+  let ldb = {p.u.b_st[1]} / 4u;
+  let abase = ({p.u.a_off} + bz * {p.u.a_st[0]}) / 4u;
+  let bbase = ({p.u.b_off} + bz * {p.u.b_st[0]}) / 4u;
 """)
     src += [f"  var c{i}_{j} = vec4<f32>(0.0);\n" for i in range(tm) for j in range(nj)]
     src += [f"  var pa{e} = vec4<f32>(0.0);\n" for e in range(ra)]
@@ -174,9 +196,9 @@ def matmul_fast_wgsl(cfg: tuple) -> tuple[str, str]:
     src.append("    if (more) {\n")
     src.append(store("(1u - cur)"))
     src.append("    }\n    workgroupBarrier();\n  }\n")
-    src.append("""  let ldo = pu(14u) / 4u;
-  let obase = (pu(12u) + bz * pu(13u)) / 4u + tile_n / 4u + tx;
-  let alpha = pf(20u);
+    src.append(f"""  let ldo = {p.u.o_st[1]} / 4u;
+  let obase = ({p.u.o_off} + bz * {p.u.o_st[0]}) / 4u + tile_n / 4u + tx;
+  let alpha = {p.f.alpha};
 """)
     for i in range(tm):
         row = f"tile_m + (ty + {(i // 4) * ty}u) * 4u + {i % 4}u"
@@ -188,26 +210,27 @@ def matmul_fast_wgsl(cfg: tuple) -> tuple[str, str]:
 
 def grouped_mm_wgsl(st: str, ost: str, owrap: str, gst: str = "i32") -> tuple[str, str]:
     """out[m, n] = sum_k a[m, k] * b[g(m), k, n], g(m) = the group whose offs range holds row m (rows past
-    the last offset are zero). Params: [0] M [1] N [2] K [3] G, a off/sm/sk 4..6, b off/sg/sk/sn 7..10,
-    offs off/stride 11..12, out off/sm/sn 13..15."""
+    the last offset are zero). Params: GROUPED_MM."""
+    u = GROUPED_MM.bind().u
+    b_at = f"{u.b_off} + grp * {u.b_st[0]} + k * {u.b_st[1]} + n * {u.b_st[2]}"
     src = [header([("o", "w", ost), ("a", "r", st), ("b", "r", st), ("g", "r", gst)], 64), ENTRY.format(wg=64)]
     src.append(f"""  let t = (wid.x + wid.y * nwg.x) * WG + lid;
-  let M = pu(0u); let N = pu(1u); let K = pu(2u); let G = pu(3u);
+  let M = {u.M}; let N = {u.N}; let K = {u.K}; let G = {u.G};
   if (t >= M * N) {{ return; }}
   let m = t / N; let n = t % N;
   var grp = 0u;
   loop {{
-    if (grp >= G || i32(m) < i32(g[pu(11u) + grp * pu(12u)])) {{ break; }}
+    if (grp >= G || i32(m) < i32(g[{u.offs_off} + grp * {u.offs_st}])) {{ break; }}
     grp = grp + 1u;
   }}
   var acc = 0.0;
   if (grp < G) {{
     for (var k = 0u; k < K; k = k + 1u) {{
-      acc = fma({load(st, 'f32', 'a[pu(4u) + m * pu(5u) + k * pu(6u)]')},
-                {load(st, 'f32', 'b[pu(7u) + grp * pu(8u) + k * pu(9u) + n * pu(10u)]')}, acc);
+      acc = fma({load(st, 'f32', f'a[{u.a_off} + m * {u.a_st[0]} + k * {u.a_st[1]}]')},
+                {load(st, 'f32', f'b[{b_at}]')}, acc);
     }}
   }}
-  o[pu(13u) + m * pu(14u) + n * pu(15u)] = {store('f32', ost, owrap, 'acc')};
+  o[{u.o_off} + m * {u.o_st[0]} + n * {u.o_st[1]}] = {store('f32', ost, owrap, 'acc')};
 }}
 """)
     return "".join(src), "wrrr"
@@ -215,23 +238,23 @@ def grouped_mm_wgsl(st: str, ost: str, owrap: str, gst: str = "i32") -> tuple[st
 
 # (BM, BN, BK, TM, TN) of the register-blocked vec4 kernel: the best of a sweep on an H100 at 1024^3 and
 # 4096^3 (benchmarks/webgpu_kernels.py --sweep prints the table).
-FAST_CFG = (64, 128, 16, 8, 8)
-FAST: tuple | None = None  # a fixed configuration to try instead (the sweep sets it)
+FAST_CFG = Tile(64, 128, 16, 8, 8)
+FAST: Tile | None = None  # a fixed configuration to try instead (the sweep sets it)
 
 
-def fast_cfg(m: int, n: int) -> tuple:
+def fast_cfg(m: int, n: int) -> Tile:
     return FAST or FAST_CFG
 
 
-def _cfg(rt: Runtime, m: int, n: int) -> tuple[int, int, int, int, int]:
+def _cfg(rt: Runtime, m: int, n: int) -> Tile:
     """Tiles of the general (any strides, any size) kernel: thin for decode-shaped products."""
     if m <= 4:
-        return (4, 64, 16, 1, 4)
+        return Tile(4, 64, 16, 1, 4)
     if m <= 16:
-        return (16, 64, 16, 2, 4)
+        return Tile(16, 64, 16, 2, 4)
     if rt.is_cpu or m * n <= 128 * 128:
-        return (32, 32, 16, 4, 4)
-    return (64, 64, 16, 4, 4)
+        return Tile(32, 32, 16, 4, 4)
+    return Tile(64, 64, 16, 4, 4)
 
 
 def matmul(rt: Runtime, a: WGTensor, b: WGTensor, bias: WGTensor | None = None, alpha: float = 1.0,
@@ -257,39 +280,35 @@ def matmul(rt: Runtime, a: WGTensor, b: WGTensor, bias: WGTensor | None = None, 
     bcast_b = bias is not None and beta != 0
     f32 = all(t.dtype == torch.float32 for t in (a, b, out))
     fcfg = fast_cfg(m, n)
-    bm, bn, bk, _, _ = fcfg
     aligned = (f32 and not bcast_b and a3.stride[2] == 1 and b3.stride[2] == 1 and o3.stride[2] == 1
-               and m % bm == 0 and n % bn == 0 and kd % bk == 0
+               and m % fcfg.bm == 0 and n % fcfg.bn == 0 and kd % fcfg.bk == 0
                and all(v % 4 == 0 for v in (a3.offset, a3.stride[0], a3.stride[1], b3.offset, b3.stride[0],
                                             b3.stride[1], o3.offset, o3.stride[0], o3.stride[1])))
     if fast is None:
         fast = aligned and not rt.is_cpu
     elif fast and not aligned:
         raise TapmlError("webgpu: the fast matmul needs aligned row-major f32 operands")
-    params = [m, n, kd, 0, a3.offset, a3.stride[0], a3.stride[1], a3.stride[2],
-              b3.offset, b3.stride[0], b3.stride[1], b3.stride[2],
-              o3.offset, o3.stride[0], o3.stride[1], o3.stride[2]]
-    if bcast_b:
-        bs = bcast_strides(bias, o3.shape)
-        params += [bias.offset] + bs
-    else:
-        params += [0, 0, 0, 0]
-    params += [fbits(alpha), fbits(beta)]
+    params = MATMUL.bind().pack(M=m, N=n, K=kd, pad=0, a_off=a3.offset, a_st=a3.stride, b_off=b3.offset,
+                                b_st=b3.stride, o_off=o3.offset, o_st=o3.stride,
+                                c_off=bias.offset if bcast_b else 0,
+                                c_st=bcast_strides(bias, o3.shape) if bcast_b else (0, 0, 0),
+                                alpha=fbits(alpha), beta=fbits(beta))
     if fast:
         k = rt.kernel(("mm_fast", fcfg), lambda: matmul_fast_wgsl(fcfg)[0], "wrr", "matmul_fast")
-        rt.dispatch(k, [out.buf, a.buf, b.buf], params, (n // bn, m // bm, bt))
+        rt.dispatch(k, [out.buf, a.buf, b.buf], params, (n // fcfg.bn, m // fcfg.bm, bt))
         return out
-    cfg = _cfg(rt, m, n)
-    spec = cfg + (a3.stride[2] == 1 or a3.stride[1] != 1, b3.stride[2] == 1 or b3.stride[1] != 1)
+    tile = _cfg(rt, m, n)
+    a_kfast, b_nfast = a3.stride[2] == 1 or a3.stride[1] != 1, b3.stride[2] == 1 or b3.stride[1] != 1
     sa, sb = a.info.storage, b.info.storage
     sc = bias.info.storage if bcast_b else None
     so, wrap = out.info.storage, out.info.wrap
-    k = rt.kernel(("mm", spec, sa, sb, sc, so, wrap), lambda: matmul_wgsl(spec, sa, sb, sc, so, wrap)[0],
+    k = rt.kernel(("mm", tile + (a_kfast, b_nfast), sa, sb, sc, so, wrap),
+                  lambda: matmul_wgsl(tile, a_kfast, b_nfast, sa, sb, sc, so, wrap)[0],
                   "wrr" + ("r" if bcast_b else ""), "matmul")
     bufs = [out.buf, a.buf, b.buf] + ([bias.buf] if bcast_b else [])
     if bt > rt.max_groups:
         raise TapmlError(f"webgpu: batch of {bt} matrices exceeds the grid limit {rt.max_groups}")
-    rt.dispatch(k, bufs, params, (-(-n // cfg[1]), -(-m // cfg[0]), bt))
+    rt.dispatch(k, bufs, params, (-(-n // tile.bn), -(-m // tile.bm), bt))
     return out
 
 
@@ -301,8 +320,10 @@ def grouped_mm(rt: Runtime, a: WGTensor, b: WGTensor, offs: WGTensor) -> WGTenso
         return out
     st, ost, wrap = a.info.storage, out.info.storage, out.info.wrap
     gst = offs.info.storage
-    k = rt.kernel(("gmm", st, ost, wrap, gst), lambda: grouped_mm_wgsl(st, ost, wrap, gst)[0], "wrrr", "grouped_mm")
-    params = [m, n, kd, g, a.offset, a.stride[0], a.stride[1], b.offset, b.stride[0], b.stride[1], b.stride[2],
-              offs.offset, offs.stride[0], 0, n, 1]
+    k = rt.kernel(("gmm", st, ost, wrap, gst), lambda: grouped_mm_wgsl(st, ost, wrap, gst)[0], "wrrr",
+                  "grouped_mm")
+    params = GROUPED_MM.bind().pack(M=m, N=n, K=kd, G=g, a_off=a.offset, a_st=a.stride, b_off=b.offset,
+                                    b_st=b.stride, offs_off=offs.offset, offs_st=offs.stride[0], o_off=0,
+                                    o_st=(n, 1))
     rt.dispatch(k, [out.buf, a.buf, b.buf, offs.buf], params, -(-m * n // 64))
     return out

@@ -1,20 +1,41 @@
-"""Indexing kernels: gather and scatter (advanced indexing, index_put_), isin and histc, WGSL beside launchers.
-
-Index spaces arrive planned by the handlers (`structured.py`); nothing here reads an index back to the host.
+"""Indexing kernels: gather and scatter (advanced indexing, index_put_), isin and histc, WGSL beside
+launchers. Index spaces arrive planned by the handlers; nothing here reads an index back to the host.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from tapml.backends.webgpu.kernels.elementwise import contiguous, copy, fill
 from tapml.backends.webgpu.kernels.host import MAXD, bcast_strides, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, decompose, header, load, offset, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Layout, Slots, decompose, header, load, offset, store
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 from tapml.errors import TapmlError
+
+ISIN = Slots("n nt x_off t_off invert")
+HISTC = Slots("n bins x_off lo hi")
+
+
+def gather_slots(nd: int, nidx: int) -> Layout:
+    """numel and the index space's shape; o (the output, or the values when scattering): offset and strides
+    over the index space; s (the source, or self when scattering): offset and coefficients; then per index
+    tensor its offset, its strides over the index space, and the indexed dim's stride and size (negative
+    indices wrap by it)."""
+    index = [f"ix{k}_off ix{k}_st:nd ix{k}_dim_st ix{k}_dim_n" for k in range(nidx)]
+    return Slots("numel shape:nd", "o_off o_st:nd s_off s_coef:nd", *index).bind(nd=nd)
+
+
+def _index_words(index: Sequence[tuple[WGTensor, Sequence[int], int, int]]) -> dict[str, Any]:
+    """The index tensors' slots of `gather_slots`."""
+    words: dict[str, Any] = {}
+    for k, (t, strides, dstride, dsize) in enumerate(index):
+        words.update({f"ix{k}_off": t.offset, f"ix{k}_st": strides, f"ix{k}_dim_st": dstride,
+                      f"ix{k}_dim_n": dsize})
+    return words
 
 
 def gather_wgsl(nd: int, nidx: int, st: str, ct: str, ost: str, owrap: str, idx_st: tuple, scatter: bool,
@@ -22,10 +43,9 @@ def gather_wgsl(nd: int, nidx: int, st: str, ct: str, ost: str, owrap: str, idx_
     """Advanced indexing in one shape: for every point c of an N-d index space,
     src = S.off + sum_d c_d * S.coef_d + sum_k wrap(idx_k[I_k.off + sum_d c_d * I_k.coef_d]) * dimstride_k.
     Gather: out[O(c)] = src[src]. Scatter (index_put_): self[src] = values[V(c)] (`accumulate`: +=, atomics
-    for int32 storage). Params: [0] numel [1..nd] shape; O (or V) off + nd; S off + nd; per index tensor:
-    off + nd strides, dim stride, dim size."""
-    per = 1 + nd
-    o_at, s_at = 1 + nd, 1 + nd + per
+    for int32 storage). Params: `gather_slots`."""
+    p = gather_slots(nd, nidx)
+    u = p.u
     binds = []
     if scatter:
         elem = "atomic<i32>" if accumulate else st
@@ -34,37 +54,36 @@ def gather_wgsl(nd: int, nidx: int, st: str, ct: str, ost: str, owrap: str, idx_
         binds += [("o", "w", ost), ("s", "r", st)]
     binds += [(f"ix{k}", "r", t) for k, t in enumerate(idx_st)]
     src = [header(binds, 256), ENTRY.format(wg=256)]
-    src.append("  let idx = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (idx >= pu(0u)) { return; }\n")
-    src.append(decompose(nd, "idx", 1))
-    src.append(f"  var so = {offset(nd, s_at)};\n")
+    src.append(f"  let idx = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (idx >= {u.numel}) {{ return; }}\n")
+    src.append(decompose("idx", u.shape))
+    src.append(f"  var so = {offset(u.s_off, u.s_coef)};\n")
     for k in range(nidx):
-        at = s_at + per + k * (per + 2)
-        src.append(f"  {{\n    let iv = i32(ix{k}[{offset(nd, at)}]);\n"
-                   f"    let w = select(iv, iv + pi({at + per + 1}u), iv < 0);\n"
-                   f"    so = so + u32(w) * pu({at + per}u);\n  }}\n")
+        src.append(f"  {{\n    let iv = i32(ix{k}[{offset(u[f'ix{k}_off'], u[f'ix{k}_st'])}]);\n"
+                   f"    let w = select(iv, iv + {p.i[f'ix{k}_dim_n']}, iv < 0);\n"
+                   f"    so = so + u32(w) * {u[f'ix{k}_dim_st']};\n  }}\n")
     if scatter:
-        v = f"vals[{offset(nd, o_at)}]"
+        v = f"vals[{offset(u.o_off, u.o_st)}]"
         if accumulate:
             src.append(f"  atomicAdd(&s[so], {v});\n}}\n")
         else:
             src.append(f"  s[so] = {v};\n}}\n")
         return "".join(src), "wr" + "r" * nidx
-    src.append(f"  o[{offset(nd, o_at)}] = {store(ct, ost, owrap, load(st, ct, 's[so]'))};\n}}\n")
+    src.append(f"  o[{offset(u.o_off, u.o_st)}] = {store(ct, ost, owrap, load(st, ct, 's[so]'))};\n}}\n")
     return "".join(src), "wr" + "r" * nidx
 
 
 def isin_wgsl(st: str, tst: str, ct: str) -> tuple[str, str]:
-    """out[i] = any_j (x[i] == t[j]) (xor invert). x and t contiguous. Params: [0] n [1] nt [2] x off
-    [3] t off [4] invert."""
+    """out[i] = any_j (x[i] == t[j]) (xor invert). x and t contiguous. Params: ISIN."""
+    u = ISIN.bind().u
     src = [header([("o", "w", "u32"), ("x", "r", st), ("tt", "r", tst)], 256), ENTRY.format(wg=256)]
     src.append(f"""  let i = (wid.x + wid.y * nwg.x) * WG + lid;
-  if (i >= pu(0u)) {{ return; }}
-  let v = {load(st, ct, 'x[pu(2u) + i]')};
+  if (i >= {u.n}) {{ return; }}
+  let v = {load(st, ct, f'x[{u.x_off} + i]')};
   var hit = false;
-  for (var j = 0u; j < pu(1u); j = j + 1u) {{
-    if ({load(tst, ct, 'tt[pu(3u) + j]')} == v) {{ hit = true; break; }}
+  for (var j = 0u; j < {u.nt}; j = j + 1u) {{
+    if ({load(tst, ct, f'tt[{u.t_off} + j]')} == v) {{ hit = true; break; }}
   }}
-  o[i] = select(0u, 1u, hit != (pu(4u) != 0u));
+  o[i] = select(0u, 1u, hit != ({u.invert} != 0u));
 }}
 """)
     return "".join(src), "wrr"
@@ -72,12 +91,13 @@ def isin_wgsl(st: str, tst: str, ct: str) -> tuple[str, str]:
 
 def histc_wgsl(st: str) -> tuple[str, str]:
     """Counts into an atomic i32 histogram: bin = int((x - lo) * bins / (hi - lo)), hi inclusive.
-    Params: [0] n [1] bins [2] x off [3] lo (f32) [4] hi (f32)."""
+    Params: HISTC (lo and hi as f32)."""
+    p = HISTC.bind()
     src = [header([("cnt", "w", "atomic<i32>"), ("x", "r", st)], 256), ENTRY.format(wg=256)]
     src.append(f"""  let i = (wid.x + wid.y * nwg.x) * WG + lid;
-  if (i >= pu(0u)) {{ return; }}
-  let v = {load(st, 'f32', 'x[pu(2u) + i]')};
-  let lo = pf(3u); let hi = pf(4u); let nb = pu(1u);
+  if (i >= {p.u.n}) {{ return; }}
+  let v = {load(st, 'f32', f'x[{p.u.x_off} + i]')};
+  let lo = {p.f.lo}; let hi = {p.f.hi}; let nb = {p.u.bins};
   if (is_nan(v) || v < lo || v > hi) {{ return; }}
   var b = u32((v - lo) * f32(nb) / (hi - lo));
   if (b >= nb) {{ b = nb - 1u; }}
@@ -102,17 +122,16 @@ def gather(rt: Runtime, src: WGTensor, shape: Sequence[int], src_coef: Sequence[
     if nd > MAXD:
         raise TapmlError("webgpu: indexing over too many dims")
     ostr = list(out_strides) if out_strides is not None else list(out.stride)
-    params = [numel] + list(shape) + [out.offset] + ostr + [src.offset] + list(src_coef)
-    for t, strides, dstride, dsize in index:
-        params += [t.offset] + list(strides) + [dstride, dsize]
+    params = gather_slots(nd, len(index)).pack(numel=numel, shape=shape, o_off=out.offset, o_st=ostr,
+                                               s_off=src.offset, s_coef=src_coef, **_index_words(index))
     ct = src.info.ct if src.info.ct != "bool" else "i32"
     if out.dtype == torch.bool:
         ct = "bool"
     ist = tuple(t.info.storage for t, *_ in index)
     st, ost, wrap = src.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("gather", nd, len(index), st, ct, ost, wrap, ist),
-                  lambda: gather_wgsl(nd, len(index), st, ct, ost, wrap, ist, False)[0], "wr" + "r" * len(index),
-                  "gather")
+                  lambda: gather_wgsl(nd, len(index), st, ct, ost, wrap, ist, False)[0],
+                  "wr" + "r" * len(index), "gather")
     rt.dispatch(k, [out.buf, src.buf] + [t.buf for t, *_ in index], params, -(-numel // 256))
     return out
 
@@ -126,9 +145,9 @@ def scatter(rt: Runtime, dst: WGTensor, values: WGTensor, shape: Sequence[int], 
     if values.dtype != dst.dtype:
         values = copy(rt, values, new(rt, values.shape, dst.dtype))
     nd = len(shape)
-    params = [numel] + list(shape) + [values.offset] + bcast_strides(values, shape) + [dst.offset] + list(dst_coef)
-    for t, strides, dstride, dsize in index:
-        params += [t.offset] + list(strides) + [dstride, dsize]
+    params = gather_slots(nd, len(index)).pack(numel=numel, shape=shape, o_off=values.offset,
+                                               o_st=bcast_strides(values, shape), s_off=dst.offset,
+                                               s_coef=dst_coef, **_index_words(index))
     ist = tuple(t.info.storage for t, *_ in index)
     st = dst.info.storage
     k = rt.kernel(("scatter", nd, len(index), st, ist, accumulate),
@@ -147,8 +166,9 @@ def isin(rt: Runtime, x: WGTensor, test: WGTensor, invert: bool) -> WGTensor:
         "i64" if "i64" in (x.info.ct, test.info.ct) else "i32")
     st, tst = xc.info.storage, tc.info.storage
     k = rt.kernel(("isin", st, tst, ct), lambda: isin_wgsl(st, tst, ct)[0], "wrr", "isin")
-    rt.dispatch(k, [out.buf, xc.buf, tc.buf], [out.numel(), tc.numel(), xc.offset, tc.offset, int(invert)],
-                -(-out.numel() // 256))
+    params = ISIN.bind().pack(n=out.numel(), nt=tc.numel(), x_off=xc.offset, t_off=tc.offset,
+                              invert=int(invert))
+    rt.dispatch(k, [out.buf, xc.buf, tc.buf], params, -(-out.numel() // 256))
     return out
 
 
@@ -159,6 +179,6 @@ def histc(rt: Runtime, x: WGTensor, bins: int, lo: float, hi: float) -> WGTensor
     st = xc.info.storage
     k = rt.kernel(("histc", st), lambda: histc_wgsl(st)[0], "wr", "histc")
     if xc.numel():
-        rt.dispatch(k, [counts.buf, xc.buf], [xc.numel(), bins, xc.offset, fbits(lo), fbits(hi)],
-                    -(-xc.numel() // 256))
+        params = HISTC.bind().pack(n=xc.numel(), bins=bins, x_off=xc.offset, lo=fbits(lo), hi=fbits(hi))
+        rt.dispatch(k, [counts.buf, xc.buf], params, -(-xc.numel() // 256))
     return copy(rt, counts, new(rt, (bins,), x.dtype))

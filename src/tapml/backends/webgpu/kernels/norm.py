@@ -1,6 +1,7 @@
 """Row normalizations: softmax / log_softmax / safe_softmax and layer norm, each WGSL beside its launcher.
 
-They walk rows laid out by `rows.py`; ATen argument conventions (dims, dtypes, affine weights) stay in the handlers.
+They walk rows laid out by `rows.py`; ATen argument conventions (dims, dtypes, affine weights) stay in the
+handlers.
 """
 
 from __future__ import annotations
@@ -11,18 +12,24 @@ import torch
 
 from tapml.backends.webgpu.kernels.elementwise import contiguous, copy
 from tapml.backends.webgpu.kernels.host import coalesce, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, header, load, store, tree
-from tapml.backends.webgpu.kernels.rows import row_loop, row_params, rows_prelude
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store, tree
+from tapml.backends.webgpu.kernels.rows import ROWS, row_loop, row_values, rows_prelude
 from tapml.backends.webgpu.runtime import Runtime, WGTensor, contiguous_strides
+
+SOFTMAX = Slots(*ROWS)
+# + eps, and the offset of the mean and rstd outputs (fresh tensors, indexed by row)
+LAYER_NORM = Slots(*ROWS, "eps stat_off")
 
 
 def softmax_wgsl(kind: str, no: int, st: str, ost: str, owrap: str, wg: int) -> tuple[str, str]:
     """kind: softmax, log_softmax or safe_softmax (rows of only -inf give zeros) along one dim.
     Three passes over the row, as torch forms it: the max, the sum of exp(x - max), the write."""
+    p = SOFTMAX.bind(no=no)
     src = [header([("o", "w", ost), ("x", "r", st)], wg), f"var<workgroup> sh: array<f32, {wg}>;\n",
            ENTRY.format(wg=wg)]
-    src.append("  let row = wid.x + wid.y * nwg.x;\n  if (row >= pu(0u)) { return; }\n  let n = pu(1u);\n")
-    src.append(rows_prelude(no))
+    src.append(f"  let row = wid.x + wid.y * nwg.x;\n  if (row >= {p.u.rows}) {{ return; }}\n"
+               f"  let n = {p.u.n};\n")
+    src.append(rows_prelude(p))
     ld = load(st, "f32", "x[xb + j * xs]")
     src.append("  var m = -f_inf();\n  {\n" + row_loop(ld, "m = f_max(m, v);") + "  }\n"
                "  sh[lid] = m;\n  workgroupBarrier();\n" + tree("sh", "f_max({a}, {b})")
@@ -40,25 +47,27 @@ def softmax_wgsl(kind: str, no: int, st: str, ost: str, owrap: str, wg: int) -> 
     return "".join(src), "wr"
 
 
-def layer_norm_wgsl(no: int, st: str, ost: str, owrap: str, affine_w: bool, affine_b: bool, wg: int) -> tuple[str, str]:
+def layer_norm_wgsl(no: int, st: str, ost: str, owrap: str, affine_w: bool, affine_b: bool,
+                    wg: int) -> tuple[str, str]:
     """Rows of n elements (stride xs): out = (x - mean) * rstd * w + b; also mean and rstd per row.
-    Extra params: [P.SC] eps, weight and bias are contiguous vectors of n."""
+    Weight and bias are contiguous vectors of n. Params: LAYER_NORM."""
     binds = [("o", "w", ost), ("om", "w", ost), ("orr", "w", ost), ("x", "r", st)]
     if affine_w:
         binds.append(("w", "r", st))
     if affine_b:
         binds.append(("bb", "r", st))
-    sc = 6 + 3 * no
+    p = LAYER_NORM.bind(no=no)
     src = [header(binds, wg), f"var<workgroup> sh: array<f32, {wg}>;\n", ENTRY.format(wg=wg)]
-    src.append("  let row = wid.x + wid.y * nwg.x;\n  if (row >= pu(0u)) { return; }\n  let n = pu(1u);\n")
-    src.append(rows_prelude(no))
+    src.append(f"  let row = wid.x + wid.y * nwg.x;\n  if (row >= {p.u.rows}) {{ return; }}\n"
+               f"  let n = {p.u.n};\n")
+    src.append(rows_prelude(p))
     ld = load(st, "f32", "x[xb + j * xs]")
     src.append(f"  var s = 0.0;\n  for (var j = lid; j < n; j = j + WG) {{ s = s + {ld}; }}\n"
                "  sh[lid] = s;\n  workgroupBarrier();\n" + tree("sh", "{a} + {b}")
                + "  let mean = sh[0] / f32(n);\n  workgroupBarrier();\n")
     src.append(f"  var q = 0.0;\n  for (var j = lid; j < n; j = j + WG) {{ let d = {ld} - mean; q = q + d * d; }}\n"
                "  sh[lid] = q;\n  workgroupBarrier();\n" + tree("sh", "{a} + {b}")
-               + f"  let rstd = 1.0 / sqrt(sh[0] / f32(n) + pf({sc}u));\n")
+               + f"  let rstd = 1.0 / sqrt(sh[0] / f32(n) + {p.f.eps});\n")
     val = "(v - mean) * rstd"
     if affine_w:
         val = f"{val} * {load(st, 'f32', 'w[j]')}"
@@ -66,8 +75,8 @@ def layer_norm_wgsl(no: int, st: str, ost: str, owrap: str, affine_w: bool, affi
         val = f"{val} + {load(st, 'f32', 'bb[j]')}"
     src.append(f"  for (var j = lid; j < n; j = j + WG) {{\n    let v = {ld};\n"
                f"    o[ob + j * os] = {store('f32', ost, owrap, val)};\n  }}\n"
-               f"  if (lid == 0u) {{\n    om[pu({sc + 1}u) + row] = {store('f32', ost, owrap, 'mean')};\n"
-               f"    orr[pu({sc + 1}u) + row] = {store('f32', ost, owrap, 'rstd')};\n  }}\n}}\n")
+               f"  if (lid == 0u) {{\n    om[{p.u.stat_off} + row] = {store('f32', ost, owrap, 'mean')};\n"
+               f"    orr[{p.u.stat_off} + row] = {store('f32', ost, owrap, 'rstd')};\n  }}\n}}\n")
     return "".join(src), "www" + "r" * (1 + affine_w + affine_b)
 
 
@@ -76,12 +85,12 @@ def softmax(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.dtyp
     if out.numel() == 0:
         return out
     dim = dim % x.dim() if x.dim() else 0
-    params, rows, no = row_params(x, dim, out)
-    wg = 256 if params[1] >= 4096 else 64
+    values, no = row_values(x, dim, out)
+    wg = 256 if values["n"] >= 4096 else 64
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
-    k = rt.kernel(("softmax", kind, no, st, ost, wrap, wg), lambda: softmax_wgsl(kind, no, st, ost, wrap, wg)[0],
-                  "wr", kind)
-    rt.dispatch(k, [out.buf, x.buf], params, rows)
+    k = rt.kernel(("softmax", kind, no, st, ost, wrap, wg),
+                  lambda: softmax_wgsl(kind, no, st, ost, wrap, wg)[0], "wr", kind)
+    rt.dispatch(k, [out.buf, x.buf], SOFTMAX.bind(no=no).pack(**values), values["rows"])
     return out
 
 
@@ -111,8 +120,8 @@ def layer_norm(rt: Runtime, x: WGTensor, n_norm: int, weight: WGTensor | None, b
     if rows == 0 or n == 0:
         return out, mean, rstd
     oflat = out.view_as(lead + [n], contiguous_strides(lead + [n]), 0)
-    params, rows, no = row_params(flat, len(lead), oflat)
-    params += [fbits(eps), 0]
+    values, no = row_values(flat, len(lead), oflat)
+    params = LAYER_NORM.bind(no=no).pack(**values, eps=fbits(eps), stat_off=0)
     w = dense0(rt, weight) if weight is not None else None
     b = dense0(rt, bias) if bias is not None else None
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap

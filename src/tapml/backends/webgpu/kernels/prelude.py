@@ -1,13 +1,17 @@
-"""What every WGSL kernel shares: the parameter window, the entry point, accurate f32 math, integer helpers,
-dtype tables and the text helpers (binding header, load/store conversions, index decomposition, workgroup trees).
+"""What every WGSL kernel shares: the parameter window and its `Slots`, the entry point, accurate f32 math,
+integer helpers, dtype tables and text helpers (binding header, load/store, index decomposition, trees).
 
 It must hold no kernel of its own (each family module writes its WGSL beside its launcher) and must not touch
 the device (`runtime.py` compiles and caches) or know ATen semantics (`ops.py`).
 Conventions: storage bindings come first in the order the launcher passes buffers; the uniform parameter
-window `P` (256 i32 words, floats bit-cast) follows. Workgroups are linearized as wid.x + wid.y * nwg.x.
+window `P` (256 i32 words, floats bit-cast) follows, its words named once per kernel by a `Slots` declaration.
+Workgroups are linearized as wid.x + wid.y * nwg.x.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 # --- shared pieces -----------------------------------------------------------------------------------------
 
@@ -18,6 +22,86 @@ fn pi(i: u32) -> i32 {{ return P.v[i >> 2u][i & 3u]; }}
 fn pu(i: u32) -> u32 {{ return bitcast<u32>(P.v[i >> 2u][i & 3u]); }}
 fn pf(i: u32) -> f32 {{ return bitcast<f32>(P.v[i >> 2u][i & 3u]); }}
 """
+
+
+class Slots:
+    """The parameter words of one kernel, named once: its WGSL reads them by name and its launcher packs them
+    by name, both through the `Layout` that `bind` gives, so text and launcher cannot disagree on an index.
+
+    Fields are space-separated names in window order; `name:n` is a run of n words, n a number or a dimension
+    given to `bind` (a rank, say)."""
+
+    __slots__ = ("_layouts", "fields")
+
+    def __init__(self, *fields: str) -> None:
+        self.fields = tuple((name, n) for group in fields
+                            for name, _, n in (f.partition(":") for f in group.split()))
+        self._layouts: dict[tuple, Layout] = {}
+
+    def bind(self, **dims: int) -> Layout:
+        key = tuple(sorted(dims.items()))
+        lay = self._layouts.get(key)
+        if lay is None:
+            lay = Layout([(name, None if not n else int(n) if n.isdigit() else dims[n])
+                          for name, n in self.fields])
+            self._layouts[key] = lay
+        return lay
+
+
+class Layout:
+    """Where the slots of a bound `Slots` lie: `at[name]` is a slot's first word; `u`, `i` and `f` give the
+    WGSL that reads it as u32, i32 or f32 (`lay.u.M` is "pu(0u)", a run gives a tuple, one per word); `pack`
+    lays values out in window order."""
+
+    __slots__ = ("at", "f", "i", "runs", "u", "words")
+
+    def __init__(self, fields: Sequence[tuple[str, int | None]]) -> None:  # run length, None for one word
+        self.at: dict[str, int] = {}
+        self.runs: dict[str, int | None] = {}
+        n = 0
+        for name, run in fields:
+            if name in self.at:
+                raise ValueError(f"parameter slot {name!r} declared twice")
+            self.at[name], self.runs[name] = n, run
+            n += 1 if run is None else run
+        self.words = n
+        self.u, self.i, self.f = _Reads(self, "pu"), _Reads(self, "pi"), _Reads(self, "pf")
+
+    def pack(self, **values: Any) -> list[int]:
+        """The parameter words: every slot by name (a run as a sequence of its length), in window order."""
+        if values.keys() != self.at.keys():
+            raise ValueError(f"parameter slots {sorted(self.at)} packed as {sorted(values)}")
+        out: list[int] = []
+        for name, run in self.runs.items():
+            v = values[name]
+            if run is None:
+                out.append(v)
+            elif len(v) == run:
+                out += v
+            else:
+                raise ValueError(f"parameter slot {name!r} takes {run} words, got {len(v)}")
+        return out
+
+
+class _Reads:
+    """`reads.name`: the WGSL that reads slot `name` through one accessor (pu, pi or pf) of the window."""
+
+    __slots__ = ("_fn", "_lay")
+
+    def __init__(self, lay: Layout, fn: str) -> None:
+        self._lay, self._fn = lay, fn
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            at, run = self._lay.at[name], self._lay.runs[name]
+        except KeyError:
+            raise AttributeError(f"no parameter slot {name!r}") from None
+        if run is None:
+            return f"{self._fn}({at}u)"
+        return tuple(f"{self._fn}({at + d}u)" for d in range(run))
+
+    __getitem__ = __getattr__  # reads["off0"], for slots named in a loop
+
 
 ENTRY = ("@compute @workgroup_size({wg})\n"
          "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,\n"
@@ -274,21 +358,21 @@ def store(rt: str, storage: str, wrap: str, e: str) -> str:
     return f"{wrap}({v})" if wrap else v
 
 
-def decompose(nd: int, i: str, shape_at: int, prefix: str = "c") -> str:
-    """Row-major coordinates {prefix}0..{prefix}{nd-1} of linear index `i` over shape P[shape_at ...]."""
+def decompose(i: str, shape: Sequence[str], prefix: str = "c") -> str:
+    """Row-major coordinates {prefix}0..{prefix}{nd-1} of linear index `i` over `shape` (slot reads)."""
+    nd = len(shape)
     if nd == 0:
         return ""
     out = [f"  var {prefix}r = {i};"]
     for d in range(nd - 1, 0, -1):
-        out.append(f"  let {prefix}{d} = {prefix}r % pu({shape_at + d}u); {prefix}r = {prefix}r / pu({shape_at + d}u);")
+        out.append(f"  let {prefix}{d} = {prefix}r % {shape[d]}; {prefix}r = {prefix}r / {shape[d]};")
     out.append(f"  let {prefix}0 = {prefix}r;")
     return "\n".join(out) + "\n"
 
 
-def offset(nd: int, at: int, prefix: str = "c") -> str:
-    """P[at] + sum_d coord_d * P[at + 1 + d]."""
-    terms = [f"pu({at}u)"] + [f"{prefix}{d} * pu({at + 1 + d}u)" for d in range(nd)]
-    return " + ".join(terms)
+def offset(off: str, strides: Sequence[str], prefix: str = "c") -> str:
+    """off + sum_d coord_d * strides[d] (slot reads)."""
+    return " + ".join([off] + [f"{prefix}{d} * {s}" for d, s in enumerate(strides)])
 
 
 def tree(name: str, op: str) -> str:

@@ -11,12 +11,22 @@ import torch
 
 from tapml.backends.webgpu.kernels.elementwise import fill
 from tapml.backends.webgpu.kernels.host import MAXD, coalesce, fbits, native_ct, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, ONE, ZERO, decompose, header, load, store, tree
+from tapml.backends.webgpu.kernels.prelude import (
+    ENTRY,
+    ONE,
+    ZERO,
+    Slots,
+    decompose,
+    header,
+    load,
+    store,
+    tree,
+)
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 from tapml.errors import TapmlError
 
 # kind -> (accumulator type, init, combine of {a} and {b}, map of the loaded value x, final of acc);
-# {ct} {zero} {one} {lowest} {highest} {max} {min} are filled per compute type; SC is the scalar slot.
+# {ct} {zero} {one} {lowest} {highest} {max} {min} are filled per compute type; pf(SC) reads the `extra` slot.
 REDUCE = {
     "sum": ("{ct}", "{zero}", "{a} + {b}", "x", "acc"),
     "mean": ("f32", "0.0", "{a} + {b}", "f32(x)", "acc / f32(n)"),
@@ -34,29 +44,32 @@ REDUCE = {
 }
 _RT = {"any": "bool", "all": "bool"}
 
+# `rows` outputs, each reducing `n` elements: offsets, the outer (kept) dims and the reduced dims, each
+# coalesced. `extra` is one word for the kinds in _EXTRA (else none): the norm order p, the var/std
+# divisor n - correction, or the offset of max/min's index output.
+SLOTS = Slots("rows n x_off o_off", "oshape:no ost:no rshape:nr rst:nr", "extra:ne")
+_EXTRA = ("normp", "var", "std", "max", "min")
 
-def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int, ist: str = "i32") -> tuple[str, str]:
+
+def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int,
+                ist: str = "i32") -> tuple[str, str]:
     """One workgroup per output element: out[row] = reduce over the reduced dims.
 
-    inp: (storage, ct); out: (storage, wrap). Params: [0] rows, [1] n, [2] in offset, [3] out offset,
-    [4..] outer shape (no), outer strides (no), reduced shape (nr), reduced strides (nr), then [SC] a scalar
-    (norm order p, or the var/std divisor n - correction, or the index output offset of max/min).
+    inp: (storage, ct); out: (storage, wrap). Params: SLOTS.
     Kinds: REDUCE, var/std/logsumexp (two passes), argmax/argmin, max/min (value and index outputs).
     """
     st, ct = inp
     ost, owrap = out
-    sh = 4
-    rsh = sh + 2 * no
-    rst = rsh + nr
-    sc = rst + nr
+    p = SLOTS.bind(no=no, nr=nr, ne=int(kind in _EXTRA))
     two = kind in ("max", "min")
     binds = [("o", "w", ost)] + ([("oi", "w", ist)] if two else []) + [("x", "r", st)]
     head = header(binds, wg)
-    body = ["  let row = wid.x + wid.y * nwg.x;\n  if (row >= pu(0u)) { return; }\n  let n = pu(1u);\n",
-            decompose(no, "row", sh, "q"),
-            f"  let base = pu(2u){''.join(f' + q{d} * pu({sh + no + d}u)' for d in range(no))};\n"]
-    dec = decompose(nr, "j", rsh, "k").replace("\n  ", "\n    ").strip()
-    off = " + ".join(["base"] + [f"k{d} * pu({rst + d}u)" for d in range(nr)])
+    body = [(f"  let row = wid.x + wid.y * nwg.x;\n  if (row >= {p.u.rows}) {{ return; }}\n"
+             f"  let n = {p.u.n};\n"),
+            decompose("row", p.u.oshape, "q"),
+            f"  let base = {p.u.x_off}{''.join(f' + q{d} * {s}' for d, s in enumerate(p.u.ost))};\n"]
+    dec = decompose("j", p.u.rshape, "k").replace("\n  ", "\n    ").strip()
+    off = " + ".join(["base"] + [f"k{d} * {s}" for d, s in enumerate(p.u.rst)])
     item = f"    {dec}\n    let x = {load(st, ct, f'x[{off}]')};\n" if dec else f"    let x = {load(st, ct, f'x[{off}]')};\n"
     loop = "  for (var j = lid; j < n; j = j + WG) {{\n" + item.replace("{", "{{").replace("}", "}}") + "{body}  }}\n"
     lowest = {"f32": "-f_inf()", "i32": "(-2147483647 - 1)", "i64": "(-9223372036854775807li - 1li)",
@@ -81,10 +94,11 @@ def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int, is
                     f"      if (oi != 0xffffffffu && (si[lid] == 0xffffffffu || ({pick}) || (ov == sv[lid] && oi < si[lid]))) {{\n"
                     "        sv[lid] = ov;\n        si[lid] = oi;\n      }\n    }\n    workgroupBarrier();\n  }\n")
         if two:
-            body.append(f"  if (lid == 0u) {{\n    o[pu(3u) + row] = {store(ct, ost, owrap, 'sv[0]')};\n"
-                        f"    oi[pu({sc}u) + row] = {ist}(si[0]);\n  }}\n}}\n")
+            body.append(f"  if (lid == 0u) {{\n    o[{p.u.o_off} + row] = {store(ct, ost, owrap, 'sv[0]')};\n"
+                        f"    oi[{p.u.extra[0]} + row] = {ist}(si[0]);\n  }}\n}}\n")
         else:
-            body.append(f"  if (lid == 0u) {{ o[pu(3u) + row] = {store('i32', ost, owrap, 'i32(si[0])')}; }}\n}}\n")
+            value = store("i32", ost, owrap, "i32(si[0])")
+            body.append(f"  if (lid == 0u) {{ o[{p.u.o_off} + row] = {value}; }}\n}}\n")
         return head + decl + ENTRY.format(wg=wg) + "".join(body), "ww" + "r" if two else "wr"
     decl = f"var<workgroup> sh: array<{{t}}, {wg}>;\n"
     if kind in ("var", "std", "logsumexp"):
@@ -99,15 +113,16 @@ def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int, is
                         + "  sh[lid] = acc;\n  workgroupBarrier();\n" + tree("sh", "{a} + {b}")
                         + "  let mean = sh[0] / f32(n);\n  workgroupBarrier();\n  acc = 0.0;\n"
                         + loop.format(body="    let d = f32(x) - mean;\n    acc = acc + d * d;\n"))
-            final = f"sh[0] / pf({sc}u)" if kind == "var" else f"sqrt(sh[0] / pf({sc}u))"
+            final = f"sh[0] / {p.f.extra[0]}" if kind == "var" else f"sqrt(sh[0] / {p.f.extra[0]})"
         body.append("  sh[lid] = acc;\n  workgroupBarrier();\n" + tree("sh", "{a} + {b}"))
-        body.append(f"  if (lid == 0u) {{ o[pu(3u) + row] = {store('f32', ost, owrap, final)}; }}\n}}\n")
+        body.append(f"  if (lid == 0u) {{ o[{p.u.o_off} + row] = {store('f32', ost, owrap, final)}; }}\n}}\n")
         return head + decl.format(t="f32") + ENTRY.format(wg=wg) + "".join(body), "wr"
     fill = dict(ct=ct, zero=ZERO[ct], one=ONE[ct], lowest=lowest,
                 highest=highest, max="f_max" if ct == "f32" else "max", min="f_min" if ct == "f32" else "min")
     acc_t, init, comb, xmap, final = (s.format(**fill) if "{a}" not in s else s.replace("{max}", fill["max"])
                                       .replace("{min}", fill["min"]) for s in REDUCE[kind])
-    xmap, final = xmap.replace("SC", f"{sc}u"), final.replace("SC", f"{sc}u")
+    if p.runs["extra"]:
+        xmap, final = xmap.replace("pf(SC)", p.f.extra[0]), final.replace("pf(SC)", p.f.extra[0])
     # four loads in flight per thread (independent blocks), then the remainder one by one
     step = "".join(f"    {{\n      let j = j4 + {u}u * WG;\n" + item.replace("\n    ", "\n      ").replace("    let", "      let", 1)
                    + f"      acc = {comb.format(a='acc', b=xmap)};\n    }}\n" for u in range(4))
@@ -116,7 +131,7 @@ def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int, is
                 + loop.replace("var j = lid;", "var j = j4;").format(body=f"    acc = {comb.format(a='acc', b=xmap)};\n")
                 + "  sh[lid] = acc;\n  workgroupBarrier();\n" + tree("sh", comb)
                 + f"  if (lid == 0u) {{\n    let acc = sh[0];\n"
-                f"    o[pu(3u) + row] = {store(_RT.get(kind, acc_t), ost, owrap, final)};\n  }}\n}}\n")
+                f"    o[{p.u.o_off} + row] = {store(_RT.get(kind, acc_t), ost, owrap, final)};\n  }}\n}}\n")
     return head + decl.format(t=acc_t) + ENTRY.format(wg=wg) + "".join(body), "wr"
 
 
@@ -158,13 +173,13 @@ def reduce(rt: Runtime, kind: str, x: WGTensor, dims: Sequence[int] | None, keep
     inp = (x.info.storage, native_ct(rt, ct))
     o = (out.info.storage, out.info.wrap)
     ist = idx.info.storage if idx is not None else "i32"
-    k = rt.kernel(("reduce", kind, no, nr, inp, o, wg, ist), lambda: reduce_wgsl(kind, no, nr, inp, o, wg, ist)[0],
-                  "wwr" if idx is not None else "wr", f"reduce-{kind}")
-    params = [rows, n, x.offset, out.offset] + oshape + ostr + rshape + rstr
-    if idx is not None:
-        params.append(idx.offset)
-    elif scalar is not None:
-        params.append(fbits(scalar))
+    k = rt.kernel(("reduce", kind, no, nr, inp, o, wg, ist),
+                  lambda: reduce_wgsl(kind, no, nr, inp, o, wg, ist)[0], "wwr" if idx is not None else "wr",
+                  f"reduce-{kind}")
+    extra = [idx.offset] if idx is not None else [fbits(scalar)] if scalar is not None else []
+    params = SLOTS.bind(no=no, nr=nr, ne=int(kind in _EXTRA)).pack(
+        rows=rows, n=n, x_off=x.offset, o_off=out.offset, oshape=oshape, ost=ostr, rshape=rshape, rst=rstr,
+        extra=extra)
     bufs = [out.buf] + ([idx.buf] if idx is not None else []) + [x.buf]
     rt.dispatch(k, bufs, params, rows)
     return (out, idx) if idx is not None else out

@@ -1,4 +1,5 @@
-"""The row layout the row kernels share (`norm`, `scan`, `sort`): one dim walked per row, the others coalesced.
+"""The row layout the row kernels share (`norm`, `scan`, `sort`): one dim walked per row, the others
+coalesced.
 
 It declares those parameter words and their WGSL prelude; it must hold no kernel of its own.
 """
@@ -6,19 +7,23 @@ It declares those parameter words and their WGSL prelude; it must hold no kernel
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from tapml.backends.webgpu.kernels.host import coalesce
-from tapml.backends.webgpu.kernels.prelude import decompose
+from tapml.backends.webgpu.kernels.prelude import Layout, decompose
 from tapml.backends.webgpu.runtime import WGTensor
 
+# `rows` rows of `n` elements along one dim: x and out each an offset, a stride along the dim and strides over
+# the outer dims (coalesced to shape `oshape`). A row kernel's Slots start with these and add its own words.
+ROWS = ("rows n x_off x_st o_off o_st", "oshape:no x_outer:no o_outer:no")
 
-def rows_prelude(no: int) -> str:
-    """Row coordinates. Params: [0] rows, [1] n, [2] x off, [3] x stride, [4] o off, [5] o stride,
-    [6..] outer shape (no), x outer strides (no), o outer strides (no)."""
-    s = decompose(no, "row", 6, "q")
-    xb = " + ".join(["pu(2u)"] + [f"q{d} * pu({6 + no + d}u)" for d in range(no)])
-    ob = " + ".join(["pu(4u)"] + [f"q{d} * pu({6 + 2 * no + d}u)" for d in range(no)])
-    return s + f"  let xb = {xb};\n  let xs = pu(3u);\n  let ob = {ob};\n  let os = pu(5u);\n"
+
+def rows_prelude(p: Layout) -> str:
+    """Row `row`'s coordinates q0.. and its first element and stride in x (xb, xs) and out (ob, os)."""
+    coords = decompose("row", p.u.oshape, "q")
+    xb = " + ".join([p.u.x_off] + [f"q{d} * {s}" for d, s in enumerate(p.u.x_outer)])
+    ob = " + ".join([p.u.o_off] + [f"q{d} * {s}" for d, s in enumerate(p.u.o_outer)])
+    return coords + f"  let xb = {xb};\n  let xs = {p.u.x_st};\n  let ob = {ob};\n  let os = {p.u.o_st};\n"
 
 
 def row_loop(ld: str, body: str) -> str:
@@ -28,8 +33,8 @@ def row_loop(ld: str, body: str) -> str:
             f"  for (var j = j4; j < n; j = j + WG) {{\n    let v = {ld};\n    {body}\n  }}\n")
 
 
-def row_params(x: WGTensor, dim: int, out: WGTensor) -> tuple[list[int], int, int]:
-    """Params of the row layout (see wgsl.rows_prelude) for rows along `dim`; returns (params, rows, no)."""
+def row_values(x: WGTensor, dim: int, out: WGTensor) -> tuple[dict[str, Any], int]:
+    """The values of the ROWS slots for rows along `dim`, and the outer rank `no` they are bound with."""
     nd = x.dim()
     outer = [d for d in range(nd) if d != dim]
     oshape, (xs, os_) = coalesce([x.shape[d] for d in outer], [[x.stride[d] for d in outer],
@@ -40,4 +45,5 @@ def row_params(x: WGTensor, dim: int, out: WGTensor) -> tuple[list[int], int, in
     n = x.shape[dim] if nd else 1
     xst = x.stride[dim] if nd else 0
     ost = out.stride[dim] if nd else 0
-    return [rows, n, x.offset, xst, out.offset, ost] + oshape + xs + os_, rows, len(oshape)
+    return dict(rows=rows, n=n, x_off=x.offset, x_st=xst, o_off=out.offset, o_st=ost, oshape=oshape,
+                x_outer=xs, o_outer=os_), len(oshape)

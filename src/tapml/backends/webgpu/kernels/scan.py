@@ -1,6 +1,7 @@
 """Cumulative sum and product along one dim, one thread per row walking it in order (as torch does).
 
-The WGSL beside its launcher, over the row layout of `rows.py`; ATen argument conventions stay in the handlers.
+The WGSL beside its launcher, over the row layout of `rows.py`; ATen argument conventions stay in the
+handlers.
 """
 
 from __future__ import annotations
@@ -8,17 +9,20 @@ from __future__ import annotations
 import torch
 
 from tapml.backends.webgpu.kernels.host import new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, ONE, ZERO, header, load, store
-from tapml.backends.webgpu.kernels.rows import row_params, rows_prelude
+from tapml.backends.webgpu.kernels.prelude import ENTRY, ONE, ZERO, Slots, header, load, store
+from tapml.backends.webgpu.kernels.rows import ROWS, row_values, rows_prelude
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
+
+SLOTS = Slots(*ROWS)
 
 
 def cumulative_wgsl(kind: str, no: int, st: str, ct: str, ost: str, owrap: str) -> tuple[str, str]:
     """One thread per row, in order (as torch does): cumsum (compensated in f32) or cumprod."""
+    p = SLOTS.bind(no=no)
     src = [header([("o", "w", ost), ("x", "r", st)], 64), ENTRY.format(wg=64)]
-    src.append("  let row = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (row >= pu(0u)) { return; }\n"
-               "  let n = pu(1u);\n")
-    src.append(rows_prelude(no))
+    src.append(f"  let row = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (row >= {p.u.rows}) {{ return; }}\n"
+               f"  let n = {p.u.n};\n")
+    src.append(rows_prelude(p))
     ld = load(st, ct, "x[xb + j * xs]")
     if kind == "cumsum" and ct == "f32":
         # Two-sum compensation approximates torch's double accumulator on the CPU.
@@ -39,10 +43,10 @@ def cumulative(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.d
     if out.numel() == 0:
         return out
     dim = dim % x.dim() if x.dim() else 0
-    params, rows, no = row_params(x, dim, out)
+    values, no = row_values(x, dim, out)
     ct = out.info.ct if out.info.ct != "bool" else "i32"
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
-    k = rt.kernel(("cum", kind, no, st, ct, ost, wrap), lambda: cumulative_wgsl(kind, no, st, ct, ost, wrap)[0],
-                  "wr", kind)
-    rt.dispatch(k, [out.buf, x.buf], params, -(-rows // 64))
+    k = rt.kernel(("cum", kind, no, st, ct, ost, wrap),
+                  lambda: cumulative_wgsl(kind, no, st, ct, ost, wrap)[0], "wr", kind)
+    rt.dispatch(k, [out.buf, x.buf], SLOTS.bind(no=no).pack(**values), -(-values["rows"] // 64))
     return out

@@ -1,6 +1,7 @@
 """Scaled dot-product attention, flash-style (keys in chunks, online softmax): the WGSL and its launcher.
 
-It computes what `_scaled_dot_product_*_attention` asks; argument conventions (dropout, GQA shapes) stay in the handlers.
+It computes what `_scaled_dot_product_*_attention` asks; argument conventions (dropout, GQA shapes) stay
+in the handlers.
 """
 
 from __future__ import annotations
@@ -8,44 +9,52 @@ from __future__ import annotations
 import torch
 
 from tapml.backends.webgpu.kernels.host import bcast_strides, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, header, load, store, tree
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store, tree
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
+
+# Sizes (batch, heads, query and key lengths, feature sizes of q/k and of v), heads per kv head, the scale and
+# causal; then each tensor's offset and strides ([B, H, L, E] order; the mask broadcast to [B, H, L, S]).
+SLOTS = Slots("B H L S E Ev group scale causal",
+              "q_off q_st:4 k_off k_st:4 v_off v_st:4 m_off m_st:4 o_off o_st:4 lse_off lse_st:3")
 
 
 def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, str]:
     """Flash-style attention, one workgroup per (b, h, query row): keys in chunks of WG, online softmax.
 
     mask: None, 'f' (additive, any float storage) or 'b' (bool, keep where true). Each thread owns `ept`
-    output features (e = lid + i * WG). Params: [0] B [1] H [2] L [3] S [4] E [5] Ev [6] H/Hk
-    [7] scale (f32) [8] causal; q off + 4 strides 9..13; k 14..18; v 19..23; mask 24..28; out off + 4 strides
-    29..33; lse off + 3 strides 34..37.
+    output features (e = lid + i * WG). Params: SLOTS.
     """
+    p = SLOTS.bind()
+    u = p.u
     binds = [("o", "w", st), ("lse", "w", "f32"), ("q", "r", st), ("k", "r", st), ("v", "r", st)]
     if mask:
         binds.append(("mk", "r", mask if mask != "b" else "u32"))
     src = [header(binds, wg), (f"var<workgroup> qs: array<f32, {ept * wg}>;\nvar<workgroup> ps: array<f32, {wg}>;\n"
            f"var<workgroup> red: array<f32, {wg}>;\n"), ENTRY.format(wg=wg)]
+    kj = load(st, "f32", f"k[kb + j * {u.k_st[2]} + e * {u.k_st[3]}]")
+    lse_at = f"{u.lse_off} + bi * {u.lse_st[0]} + hi * {u.lse_st[1]} + li * {u.lse_st[2]}"
+    mk = f"mk[{u.m_off} + bi * {u.m_st[0]} + hi * {u.m_st[1]} + li * {u.m_st[2]} + j * {u.m_st[3]}]"
     if mask == "b":
-        madd = "select(-f_inf(), 0.0, mk[pu(24u) + bi * pu(25u) + hi * pu(26u) + li * pu(27u) + j * pu(28u)] != 0u)"
+        madd = f"select(-f_inf(), 0.0, {mk} != 0u)"
     elif mask:
-        madd = load(mask, "f32", "mk[pu(24u) + bi * pu(25u) + hi * pu(26u) + li * pu(27u) + j * pu(28u)]")
+        madd = load(mask, "f32", mk)
     else:
         madd = "0.0"
     src.append(f"""  let r = wid.x + wid.y * nwg.x;
-  let B = pu(0u); let H = pu(1u); let L = pu(2u); let S = pu(3u); let E = pu(4u); let Ev = pu(5u);
+  let B = {u.B}; let H = {u.H}; let L = {u.L}; let S = {u.S}; let E = {u.E}; let Ev = {u.Ev};
   if (r >= B * H * L) {{ return; }}
   let li = r % L; let hi = (r / L) % H; let bi = r / (L * H);
-  let hk = hi / pu(6u);
-  let scale = pf(7u);
-  let causal = pu(8u) != 0u;
-  let qb = pu(9u) + bi * pu(10u) + hi * pu(11u) + li * pu(12u);
+  let hk = hi / {u.group};
+  let scale = {p.f.scale};
+  let causal = {u.causal} != 0u;
+  let qb = {u.q_off} + bi * {u.q_st[0]} + hi * {u.q_st[1]} + li * {u.q_st[2]};
   for (var i = 0u; i < {ept}u; i = i + 1u) {{
     let e = lid + i * WG;
-    if (e < E) {{ qs[e] = {load(st, 'f32', 'q[qb + e * pu(13u)]')}; }}
+    if (e < E) {{ qs[e] = {load(st, 'f32', f'q[qb + e * {u.q_st[3]}]')}; }}
   }}
   workgroupBarrier();
-  let kb = pu(14u) + bi * pu(15u) + hk * pu(16u);
-  let vb = pu(19u) + bi * pu(20u) + hk * pu(21u);
+  let kb = {u.k_off} + bi * {u.k_st[0]} + hk * {u.k_st[1]};
+  let vb = {u.v_off} + bi * {u.v_st[0]} + hk * {u.v_st[1]};
   var m = -f_inf();
   var l = 0.0;
   var acc: array<f32, {ept}>;
@@ -55,7 +64,7 @@ def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, s
     var s = -f_inf();
     if (j < S && !(causal && j > li)) {{
       var d = 0.0;
-      for (var e = 0u; e < E; e = e + 1u) {{ d = fma(qs[e], {load(st, 'f32', 'k[kb + j * pu(17u) + e * pu(18u)]')}, d); }}
+      for (var e = 0u; e < E; e = e + 1u) {{ d = fma(qs[e], {kj}, d); }}
       s = d * scale + {madd};
     }}
     red[lid] = s;
@@ -76,7 +85,7 @@ def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, s
       if (e < Ev) {{
         var a2 = acc[i] * corr;
         for (var jj = 0u; jj < cnt; jj = jj + 1u) {{
-          a2 = fma(ps[jj], {load(st, 'f32', 'v[vb + (j0 + jj) * pu(22u) + e * pu(23u)]')}, a2);
+          a2 = fma(ps[jj], {load(st, 'f32', f'v[vb + (j0 + jj) * {u.v_st[2]} + e * {u.v_st[3]}]')}, a2);
         }}
         acc[i] = a2;
       }}
@@ -84,13 +93,13 @@ def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, s
     m = mn;
     workgroupBarrier();
   }}
-  let ob = pu(29u) + bi * pu(30u) + hi * pu(31u) + li * pu(32u);
+  let ob = {u.o_off} + bi * {u.o_st[0]} + hi * {u.o_st[1]} + li * {u.o_st[2]};
   for (var i = 0u; i < {ept}u; i = i + 1u) {{
     let e = lid + i * WG;
-    if (e < Ev) {{ o[ob + e * pu(33u)] = {store('f32', st, '', 'select(acc[i] / l, 0.0, l == 0.0)')}; }}
+    if (e < Ev) {{ o[ob + e * {u.o_st[3]}] = {store('f32', st, '', 'select(acc[i] / l, 0.0, l == 0.0)')}; }}
   }}
   // a row with every key masked gives zeros (and logsumexp 0), as torch's CPU kernel does
-  if (lid == 0u) {{ lse[pu(34u) + bi * pu(35u) + hi * pu(36u) + li * pu(37u)] = select(m + t_log(l), 0.0, l == 0.0); }}
+  if (lid == 0u) {{ lse[{lse_at}] = select(m + t_log(l), 0.0, l == 0.0); }}
 }}
 """)
     return "".join(src), "wwrrr" + ("r" if mask else "")
@@ -108,17 +117,15 @@ def attention(rt: Runtime, q: WGTensor, k: WGTensor, v: WGTensor, mask: WGTensor
         return out, lse
     wg = 64
     ept = max(1, -(-max(e, ev) // wg))
-    mkind = None
-    params = [bsz, h, seq_l, seq_s, e, ev, h // hk, fbits(scale), int(causal)]
-    params += [q.offset] + list(q.stride) + [k.offset] + list(k.stride) + [v.offset] + list(v.stride)
-    bufs = [out.buf, lse.buf, q.buf, k.buf, v.buf]
+    mkind = None if mask is None else "b" if mask.dtype == torch.bool else mask.info.storage
+    m_off, m_st = 0, (0,) * 4
     if mask is not None:
-        mkind = "b" if mask.dtype == torch.bool else mask.info.storage
-        params += [mask.offset] + bcast_strides(mask, (bsz, h, seq_l, seq_s))
-        bufs.append(mask.buf)
-    else:
-        params += [0, 0, 0, 0, 0]
-    params += [out.offset] + list(out.stride) + [lse.offset] + list(lse.stride)
+        m_off, m_st = mask.offset, bcast_strides(mask, (bsz, h, seq_l, seq_s))
+    params = SLOTS.bind().pack(B=bsz, H=h, L=seq_l, S=seq_s, E=e, Ev=ev, group=h // hk, scale=fbits(scale),
+                               causal=int(causal), q_off=q.offset, q_st=q.stride, k_off=k.offset,
+                               k_st=k.stride, v_off=v.offset, v_st=v.stride, m_off=m_off, m_st=m_st,
+                               o_off=out.offset, o_st=out.stride, lse_off=lse.offset, lse_st=lse.stride)
+    bufs = [out.buf, lse.buf, q.buf, k.buf, v.buf] + ([mask.buf] if mask is not None else [])
     st = q.info.storage
     kern = rt.kernel(("attn", st, mkind, ept, wg), lambda: attention_wgsl(st, mkind, ept, wg)[0],
                      "wwrrr" + ("r" if mask is not None else ""), "attention")
