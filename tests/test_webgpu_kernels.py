@@ -1,5 +1,6 @@
-"""The WebGPU kernel library's text, no device needed: parameter slots named once (`Slots`), and every kernel
-family's WGSL reading only the parameter words its declaration lays out, and no declared slot left unread."""
+"""The WebGPU kernel library's text, no device needed: parameter slots named once (`Slots`); every kernel
+family's WGSL reads only the parameter words its declaration lays out and leaves no declared slot unread, and
+the storage bindings it declares are the ones the runtime lays out."""
 
 import re
 
@@ -48,6 +49,9 @@ FAMILIES = {
     "elementwise-vec4": lambda: (
         elementwise.ew_slots((F32, F32, ("s", "i32")), 1, True),
         [elementwise.elementwise_wgsl(1, (F32, F32, ("s", "i32")), OUT, "a + b", True)], set()),
+    "elementwise-in-place": lambda: (  # an input in the output's buffer is read through the output binding
+        elementwise.ew_slots((("o", "f32", "f32"), F32), 2, False),
+        [elementwise.elementwise_wgsl(2, (("o", "f32", "f32"), F32), OUT, "a + b", False)], set()),
     "reduce": lambda: (
         reduction.SLOTS.bind(no=2, nr=2, ne=0),
         [reduction.reduce_wgsl(k, 2, 2, ("f32", "f32"), ("f32", ""), 64) for k in ("sum", "argmax")], set()),
@@ -81,13 +85,16 @@ FAMILIES = {
     "histc": lambda: (index.HISTC.bind(), [index.histc_wgsl("f32")], set()),
 }
 _READ = re.compile(r"\bp[uif]\((\d+)u\)")
+_STORAGE = re.compile(r"@binding\(\d+\) var<storage, (read_write|read)>")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_each_kernel_reads_its_declared_slots_and_nothing_past_them(family):
+def test_each_kernel_reads_its_declared_slots_and_declares_its_bindings(family):
     lay, sources, unread = FAMILIES[family]()
     read = set()
-    for src, _bindings in sources:
+    for src, bindings in sources:
+        declared = "".join("w" if mode == "read_write" else "r" for mode in _STORAGE.findall(src))
+        assert bindings == declared, f"{family}: launched as {bindings!r}, declared {declared!r}"
         words = {int(w) for w in _READ.findall(src)}
         assert words and max(words) < lay.words, f"{family} reads a word past its declaration"
         read |= words

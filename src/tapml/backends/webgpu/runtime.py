@@ -223,12 +223,14 @@ class RuntimeBase:
     def _compile(self, src: str, bindings: str, name: str) -> Kernel:
         raise NotImplementedError
 
-    def kernel(self, key: Any, source: Callable[[], str], bindings: str, name: str = "") -> Kernel:
-        """The pipeline for `key` (a template name plus its specialization), compiled on first use."""
+    def kernel(self, key: Any, source: Callable[[], tuple[str, str]], name: str = "") -> Kernel:
+        """The pipeline for `key` (a template name plus its specialization), compiled on first use from
+        `source()`: its WGSL and its storage bindings' access letters ("r" read, "w" read-write) in order."""
         k = self._kernels.get(key)
         if k is not None:
             return k
-        src = self.finalize(source())
+        text, bindings = source()
+        src = self.finalize(text)
         k = self._by_source.get(src)
         if k is None:
             k = self._compile(src, bindings, name or str(key[0] if isinstance(key, tuple) else key))

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from tapml.backends.webgpu.kernels.host import new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, access, header, load, store
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
 # Sizes, (h, w) pairs of stride, padding and dilation, groups; then each tensor's offset and strides
@@ -55,7 +55,7 @@ def conv2d_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
   o[{o_at}] = {store('f32', ost, owrap, f'acc + {binit}')};
 }}
 """)
-    return "".join(src), "wrr" + ("r" if bias else "")
+    return "".join(src), access(binds)
 
 
 def pool2d_wgsl(kind: str, st: str, ost: str, owrap: str, ist: str = "i32") -> tuple[str, str]:
@@ -116,7 +116,7 @@ def pool2d_wgsl(kind: str, st: str, ost: str, owrap: str, ist: str = "i32") -> t
   o[{u.o_off} + t] = {store('f32', ost, owrap, 's / f32((he - hs) * (we - ws))')};
 }}
 """)
-    return "".join(src), "w" + ("w" if kind == "max" else "") + "r"
+    return "".join(src), access(binds)
 
 
 def conv2d(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride: Sequence[int],
@@ -135,8 +135,7 @@ def conv2d(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride:
                                 o_st=out.stride)
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("conv2d", st, ost, wrap, bias is not None),
-                  lambda: conv2d_wgsl(st, ost, wrap, bias is not None)[0],
-                  "wrr" + ("r" if bias is not None else ""), "conv2d")
+                  lambda: conv2d_wgsl(st, ost, wrap, bias is not None), "conv2d")
     bufs = [out.buf, x.buf, w.buf] + ([bias.buf] if bias is not None else [])
     rt.dispatch(k, bufs, params, -(-out.numel() // 64))
     return out
@@ -158,8 +157,8 @@ def pool2d(rt: Runtime, kind: str, x: WGTensor, out_hw: Sequence[int], kernel: S
                                 i_off=idx.offset if idx is not None else 0)
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     ist = idx.info.storage if idx is not None else "i32"
-    k = rt.kernel(("pool", kind, st, ost, wrap, ist), lambda: pool2d_wgsl(kind, st, ost, wrap, ist)[0],
-                  "wwr" if idx is not None else "wr", f"pool-{kind}")
+    k = rt.kernel(("pool", kind, st, ost, wrap, ist), lambda: pool2d_wgsl(kind, st, ost, wrap, ist),
+                  f"pool-{kind}")
     bufs = [out.buf] + ([idx.buf] if idx is not None else []) + [x.buf]
     rt.dispatch(k, bufs, params, -(-out.numel() // 64))
     return out, idx

@@ -11,7 +11,17 @@ from dataclasses import dataclass
 import torch
 
 from tapml.backends.webgpu.kernels.host import MAXD, bcast_strides, coalesce, native_ct, new, words
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Layout, Slots, decompose, header, load, offset, store
+from tapml.backends.webgpu.kernels.prelude import (
+    ENTRY,
+    Layout,
+    Slots,
+    access,
+    decompose,
+    header,
+    load,
+    offset,
+    store,
+)
 from tapml.backends.webgpu.runtime import Kernel, Runtime, WGTensor
 from tapml.errors import TapmlError
 
@@ -82,7 +92,7 @@ def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool,
         results.append(name)
     value = f"vec4<{ostore}>({', '.join(results)})" if vec else results[0]
     src.append(f"  o[{offs[0]}] = {value};\n}}\n")
-    return "".join(src), "w" + "r" * len(tensors)
+    return "".join(src), access(binds)
 
 
 _I_HELPER = re.compile(r"\bi_(pow|floordiv|rem|fmod)\(")
@@ -158,8 +168,7 @@ def _ew_plan(rt: Runtime, expr: str, operands: Sequence, out: WGTensor, cts: Seq
     ospec = (out.info.storage, out.info.wrap, rtype)
     bound = [i for i, o in enumerate(operands) if isinstance(o, WGTensor) and o.storage is not out.storage]
     kernel = rt.kernel(("ew", expr, spec, ospec, nd, vec, coords),
-                       lambda: elementwise_wgsl(nd, spec, ospec, expr, vec, coords)[0],
-                       "w" + "r" * len(bound), "elementwise")
+                       lambda: elementwise_wgsl(nd, spec, ospec, expr, vec, coords), "elementwise")
     p = ew_slots(spec, nd, vec)
     # offsets and scalars are left 0 in the plan: each call fills them in
     words_of = {f"s{i}": [0, 0] if o[1] == "i64" else 0 for i, o in enumerate(spec) if o[0] == "s"}

@@ -10,7 +10,7 @@ import torch
 
 from tapml.backends.webgpu.kernels.elementwise import ew, fill
 from tapml.backends.webgpu.kernels.host import bcast_strides, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, access, header, load, store
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 from tapml.errors import TapmlError
 
@@ -108,7 +108,7 @@ def matmul_wgsl(tile: Tile, a_kfast: bool, b_nfast: bool, st_a: str, st_b: str, 
   }}
 }}
 """)
-    return "".join(src), "wrr" + ("r" if st_c else "")
+    return "".join(src), access(binds)
 
 
 def matmul_fast_wgsl(tile: Tile) -> tuple[str, str]:
@@ -155,7 +155,8 @@ def matmul_fast_wgsl(tile: Tile) -> tuple[str, str]:
             out.append(f"    {guard(e, b_vecs)}{{ let id = lid + {e * nt}u; Bs[{buf} * {bk * bn4}u + id] = pb{e}; }}\n")
         return "".join(out)
 
-    src = [header([("o", "w", "vec4<f32>"), ("a", "r", "vec4<f32>"), ("b", "r", "vec4<f32>")], nt)]
+    binds = [("o", "w", "vec4<f32>"), ("a", "r", "vec4<f32>"), ("b", "r", "vec4<f32>")]
+    src = [header(binds, nt)]
     src.append(f"var<workgroup> As: array<vec4<f32>, {2 * bk * bm4}>;\n"
                f"var<workgroup> Bs: array<vec4<f32>, {2 * bk * bn4}>;\n")
     src.append(ENTRY.format(wg=nt))
@@ -205,7 +206,7 @@ def matmul_fast_wgsl(tile: Tile) -> tuple[str, str]:
         for j in range(nj):
             src.append(f"  o[obase + ({row}) * ldo + {j * tx}u] = alpha * c{i}_{j};\n")
     src.append("}\n")
-    return "".join(src), "wrr"
+    return "".join(src), access(binds)
 
 
 def grouped_mm_wgsl(st: str, ost: str, owrap: str, gst: str = "i32") -> tuple[str, str]:
@@ -213,7 +214,8 @@ def grouped_mm_wgsl(st: str, ost: str, owrap: str, gst: str = "i32") -> tuple[st
     the last offset are zero). Params: GROUPED_MM."""
     u = GROUPED_MM.bind().u
     b_at = f"{u.b_off} + grp * {u.b_st[0]} + k * {u.b_st[1]} + n * {u.b_st[2]}"
-    src = [header([("o", "w", ost), ("a", "r", st), ("b", "r", st), ("g", "r", gst)], 64), ENTRY.format(wg=64)]
+    binds = [("o", "w", ost), ("a", "r", st), ("b", "r", st), ("g", "r", gst)]
+    src = [header(binds, 64), ENTRY.format(wg=64)]
     src.append(f"""  let t = (wid.x + wid.y * nwg.x) * WG + lid;
   let M = {u.M}; let N = {u.N}; let K = {u.K}; let G = {u.G};
   if (t >= M * N) {{ return; }}
@@ -233,7 +235,7 @@ def grouped_mm_wgsl(st: str, ost: str, owrap: str, gst: str = "i32") -> tuple[st
   o[{u.o_off} + m * {u.o_st[0]} + n * {u.o_st[1]}] = {store('f32', ost, owrap, 'acc')};
 }}
 """)
-    return "".join(src), "wrrr"
+    return "".join(src), access(binds)
 
 
 # (BM, BN, BK, TM, TN) of the register-blocked vec4 kernel: the best of a sweep on an H100 at 1024^3 and
@@ -294,7 +296,7 @@ def matmul(rt: Runtime, a: WGTensor, b: WGTensor, bias: WGTensor | None = None, 
                                 c_st=bcast_strides(bias, o3.shape) if bcast_b else (0, 0, 0),
                                 alpha=fbits(alpha), beta=fbits(beta))
     if fast:
-        k = rt.kernel(("mm_fast", fcfg), lambda: matmul_fast_wgsl(fcfg)[0], "wrr", "matmul_fast")
+        k = rt.kernel(("mm_fast", fcfg), lambda: matmul_fast_wgsl(fcfg), "matmul_fast")
         rt.dispatch(k, [out.buf, a.buf, b.buf], params, (n // fcfg.bn, m // fcfg.bm, bt))
         return out
     tile = _cfg(rt, m, n)
@@ -303,8 +305,7 @@ def matmul(rt: Runtime, a: WGTensor, b: WGTensor, bias: WGTensor | None = None, 
     sc = bias.info.storage if bcast_b else None
     so, wrap = out.info.storage, out.info.wrap
     k = rt.kernel(("mm", tile + (a_kfast, b_nfast), sa, sb, sc, so, wrap),
-                  lambda: matmul_wgsl(tile, a_kfast, b_nfast, sa, sb, sc, so, wrap)[0],
-                  "wrr" + ("r" if bcast_b else ""), "matmul")
+                  lambda: matmul_wgsl(tile, a_kfast, b_nfast, sa, sb, sc, so, wrap), "matmul")
     bufs = [out.buf, a.buf, b.buf] + ([bias.buf] if bcast_b else [])
     if bt > rt.max_groups:
         raise TapmlError(f"webgpu: batch of {bt} matrices exceeds the grid limit {rt.max_groups}")
@@ -320,8 +321,7 @@ def grouped_mm(rt: Runtime, a: WGTensor, b: WGTensor, offs: WGTensor) -> WGTenso
         return out
     st, ost, wrap = a.info.storage, out.info.storage, out.info.wrap
     gst = offs.info.storage
-    k = rt.kernel(("gmm", st, ost, wrap, gst), lambda: grouped_mm_wgsl(st, ost, wrap, gst)[0], "wrrr",
-                  "grouped_mm")
+    k = rt.kernel(("gmm", st, ost, wrap, gst), lambda: grouped_mm_wgsl(st, ost, wrap, gst), "grouped_mm")
     params = GROUPED_MM.bind().pack(M=m, N=n, K=kd, G=g, a_off=a.offset, a_st=a.stride, b_off=b.offset,
                                     b_st=b.stride, offs_off=offs.offset, offs_st=offs.stride[0], o_off=0,
                                     o_st=(n, 1))

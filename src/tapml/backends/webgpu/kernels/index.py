@@ -12,7 +12,17 @@ import torch
 
 from tapml.backends.webgpu.kernels.elementwise import contiguous, copy, fill
 from tapml.backends.webgpu.kernels.host import MAXD, bcast_strides, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Layout, Slots, decompose, header, load, offset, store
+from tapml.backends.webgpu.kernels.prelude import (
+    ENTRY,
+    Layout,
+    Slots,
+    access,
+    decompose,
+    header,
+    load,
+    offset,
+    store,
+)
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 from tapml.errors import TapmlError
 
@@ -67,15 +77,16 @@ def gather_wgsl(nd: int, nidx: int, st: str, ct: str, ost: str, owrap: str, idx_
             src.append(f"  atomicAdd(&s[so], {v});\n}}\n")
         else:
             src.append(f"  s[so] = {v};\n}}\n")
-        return "".join(src), "wr" + "r" * nidx
+        return "".join(src), access(binds)
     src.append(f"  o[{offset(u.o_off, u.o_st)}] = {store(ct, ost, owrap, load(st, ct, 's[so]'))};\n}}\n")
-    return "".join(src), "wr" + "r" * nidx
+    return "".join(src), access(binds)
 
 
 def isin_wgsl(st: str, tst: str, ct: str) -> tuple[str, str]:
     """out[i] = any_j (x[i] == t[j]) (xor invert). x and t contiguous. Params: ISIN."""
     u = ISIN.bind().u
-    src = [header([("o", "w", "u32"), ("x", "r", st), ("tt", "r", tst)], 256), ENTRY.format(wg=256)]
+    binds = [("o", "w", "u32"), ("x", "r", st), ("tt", "r", tst)]
+    src = [header(binds, 256), ENTRY.format(wg=256)]
     src.append(f"""  let i = (wid.x + wid.y * nwg.x) * WG + lid;
   if (i >= {u.n}) {{ return; }}
   let v = {load(st, ct, f'x[{u.x_off} + i]')};
@@ -86,14 +97,15 @@ def isin_wgsl(st: str, tst: str, ct: str) -> tuple[str, str]:
   o[i] = select(0u, 1u, hit != ({u.invert} != 0u));
 }}
 """)
-    return "".join(src), "wrr"
+    return "".join(src), access(binds)
 
 
 def histc_wgsl(st: str) -> tuple[str, str]:
     """Counts into an atomic i32 histogram: bin = int((x - lo) * bins / (hi - lo)), hi inclusive.
     Params: HISTC (lo and hi as f32)."""
     p = HISTC.bind()
-    src = [header([("cnt", "w", "atomic<i32>"), ("x", "r", st)], 256), ENTRY.format(wg=256)]
+    binds = [("cnt", "w", "atomic<i32>"), ("x", "r", st)]
+    src = [header(binds, 256), ENTRY.format(wg=256)]
     src.append(f"""  let i = (wid.x + wid.y * nwg.x) * WG + lid;
   if (i >= {p.u.n}) {{ return; }}
   let v = {load(st, 'f32', f'x[{p.u.x_off} + i]')};
@@ -104,7 +116,7 @@ def histc_wgsl(st: str) -> tuple[str, str]:
   atomicAdd(&cnt[b], 1);
 }}
 """)
-    return "".join(src), "wr"
+    return "".join(src), access(binds)
 
 
 def gather(rt: Runtime, src: WGTensor, shape: Sequence[int], src_coef: Sequence[int],
@@ -130,8 +142,7 @@ def gather(rt: Runtime, src: WGTensor, shape: Sequence[int], src_coef: Sequence[
     ist = tuple(t.info.storage for t, *_ in index)
     st, ost, wrap = src.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("gather", nd, len(index), st, ct, ost, wrap, ist),
-                  lambda: gather_wgsl(nd, len(index), st, ct, ost, wrap, ist, False)[0],
-                  "wr" + "r" * len(index), "gather")
+                  lambda: gather_wgsl(nd, len(index), st, ct, ost, wrap, ist, False), "gather")
     rt.dispatch(k, [out.buf, src.buf] + [t.buf for t, *_ in index], params, -(-numel // 256))
     return out
 
@@ -151,8 +162,7 @@ def scatter(rt: Runtime, dst: WGTensor, values: WGTensor, shape: Sequence[int], 
     ist = tuple(t.info.storage for t, *_ in index)
     st = dst.info.storage
     k = rt.kernel(("scatter", nd, len(index), st, ist, accumulate),
-                  lambda: gather_wgsl(nd, len(index), st, "", st, "", ist, True, accumulate)[0],
-                  "wr" + "r" * len(index), "scatter")
+                  lambda: gather_wgsl(nd, len(index), st, "", st, "", ist, True, accumulate), "scatter")
     rt.dispatch(k, [dst.buf, values.buf] + [t.buf for t, *_ in index], params, -(-numel // 256))
     return dst
 
@@ -165,7 +175,7 @@ def isin(rt: Runtime, x: WGTensor, test: WGTensor, invert: bool) -> WGTensor:
     ct = "f32" if x.info.ct == "f32" or test.info.ct == "f32" else (
         "i64" if "i64" in (x.info.ct, test.info.ct) else "i32")
     st, tst = xc.info.storage, tc.info.storage
-    k = rt.kernel(("isin", st, tst, ct), lambda: isin_wgsl(st, tst, ct)[0], "wrr", "isin")
+    k = rt.kernel(("isin", st, tst, ct), lambda: isin_wgsl(st, tst, ct), "isin")
     params = ISIN.bind().pack(n=out.numel(), nt=tc.numel(), x_off=xc.offset, t_off=tc.offset,
                               invert=int(invert))
     rt.dispatch(k, [out.buf, xc.buf, tc.buf], params, -(-out.numel() // 256))
@@ -177,7 +187,7 @@ def histc(rt: Runtime, x: WGTensor, bins: int, lo: float, hi: float) -> WGTensor
     counts = new(rt, (bins,), torch.int32)
     fill(rt, counts, 0)
     st = xc.info.storage
-    k = rt.kernel(("histc", st), lambda: histc_wgsl(st)[0], "wr", "histc")
+    k = rt.kernel(("histc", st), lambda: histc_wgsl(st), "histc")
     if xc.numel():
         params = HISTC.bind().pack(n=xc.numel(), bins=bins, x_off=xc.offset, lo=fbits(lo), hi=fbits(hi))
         rt.dispatch(k, [counts.buf, xc.buf], params, -(-xc.numel() // 256))

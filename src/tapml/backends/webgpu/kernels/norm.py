@@ -12,7 +12,7 @@ import torch
 
 from tapml.backends.webgpu.kernels.elementwise import contiguous, copy
 from tapml.backends.webgpu.kernels.host import coalesce, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store, tree
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, access, header, load, store, tree
 from tapml.backends.webgpu.kernels.rows import ROWS, row_loop, row_values, rows_prelude
 from tapml.backends.webgpu.runtime import Runtime, WGTensor, contiguous_strides
 
@@ -25,8 +25,8 @@ def softmax_wgsl(kind: str, no: int, st: str, ost: str, owrap: str, wg: int) -> 
     """kind: softmax, log_softmax or safe_softmax (rows of only -inf give zeros) along one dim.
     Three passes over the row, as torch forms it: the max, the sum of exp(x - max), the write."""
     p = SOFTMAX.bind(no=no)
-    src = [header([("o", "w", ost), ("x", "r", st)], wg), f"var<workgroup> sh: array<f32, {wg}>;\n",
-           ENTRY.format(wg=wg)]
+    binds = [("o", "w", ost), ("x", "r", st)]
+    src = [header(binds, wg), f"var<workgroup> sh: array<f32, {wg}>;\n", ENTRY.format(wg=wg)]
     src.append(f"  let row = wid.x + wid.y * nwg.x;\n  if (row >= {p.u.rows}) {{ return; }}\n"
                f"  let n = {p.u.n};\n")
     src.append(rows_prelude(p))
@@ -44,7 +44,7 @@ def softmax_wgsl(kind: str, no: int, st: str, ost: str, owrap: str, wg: int) -> 
     else:
         val = "t_exp(v - mm) / s"
     src.append("  {\n" + row_loop(ld, f"o[ob + j * os] = {store('f32', ost, owrap, val)};") + "  }\n}\n")
-    return "".join(src), "wr"
+    return "".join(src), access(binds)
 
 
 def layer_norm_wgsl(no: int, st: str, ost: str, owrap: str, affine_w: bool, affine_b: bool,
@@ -77,7 +77,7 @@ def layer_norm_wgsl(no: int, st: str, ost: str, owrap: str, affine_w: bool, affi
                f"    o[ob + j * os] = {store('f32', ost, owrap, val)};\n  }}\n"
                f"  if (lid == 0u) {{\n    om[{p.u.stat_off} + row] = {store('f32', ost, owrap, 'mean')};\n"
                f"    orr[{p.u.stat_off} + row] = {store('f32', ost, owrap, 'rstd')};\n  }}\n}}\n")
-    return "".join(src), "www" + "r" * (1 + affine_w + affine_b)
+    return "".join(src), access(binds)
 
 
 def softmax(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.dtype) -> WGTensor:
@@ -89,7 +89,7 @@ def softmax(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.dtyp
     wg = 256 if values["n"] >= 4096 else 64
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("softmax", kind, no, st, ost, wrap, wg),
-                  lambda: softmax_wgsl(kind, no, st, ost, wrap, wg)[0], "wr", kind)
+                  lambda: softmax_wgsl(kind, no, st, ost, wrap, wg), kind)
     rt.dispatch(k, [out.buf, x.buf], SOFTMAX.bind(no=no).pack(**values), values["rows"])
     return out
 
@@ -128,8 +128,7 @@ def layer_norm(rt: Runtime, x: WGTensor, n_norm: int, weight: WGTensor | None, b
     hw, hb = w is not None, b is not None
     wg = 256 if n >= 4096 else 64
     k = rt.kernel(("layer_norm", no, st, ost, wrap, hw, hb, wg),
-                  lambda: layer_norm_wgsl(no, st, ost, wrap, hw, hb, wg)[0], "www" + "r" * (1 + hw + hb),
-                  "layer_norm")
+                  lambda: layer_norm_wgsl(no, st, ost, wrap, hw, hb, wg), "layer_norm")
     bufs = [out.buf, mean.buf, rstd.buf, flat.buf] + ([w.buf] if hw else []) + ([b.buf] if hb else [])
     rt.dispatch(k, bufs, params, rows)
     return out, mean, rstd

@@ -336,6 +336,11 @@ def header(bindings: list[tuple[str, str, str]], wg: int | str) -> str:
     return "\n".join(lines)
 
 
+def access(bindings: list[tuple[str, str, str]]) -> str:
+    """The access letters ("r" or "w") of `header`'s storage bindings in order: what the runtime lays out."""
+    return "".join(acc for _, acc, _ in bindings)
+
+
 def load(storage: str, ct: str, e: str) -> str:
     """Convert a stored element to a compute type (f32, i32 or bool)."""
     if ct == "bool":  # written as !(x == 0): an ordered != would call NaN false

@@ -16,6 +16,7 @@ from tapml.backends.webgpu.kernels.prelude import (
     ONE,
     ZERO,
     Slots,
+    access,
     decompose,
     header,
     load,
@@ -99,7 +100,7 @@ def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int,
         else:
             value = store("i32", ost, owrap, "i32(si[0])")
             body.append(f"  if (lid == 0u) {{ o[{p.u.o_off} + row] = {value}; }}\n}}\n")
-        return head + decl + ENTRY.format(wg=wg) + "".join(body), "ww" + "r" if two else "wr"
+        return head + decl + ENTRY.format(wg=wg) + "".join(body), access(binds)
     decl = f"var<workgroup> sh: array<{{t}}, {wg}>;\n"
     if kind in ("var", "std", "logsumexp"):
         if kind == "logsumexp":
@@ -116,7 +117,7 @@ def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int,
             final = f"sh[0] / {p.f.extra[0]}" if kind == "var" else f"sqrt(sh[0] / {p.f.extra[0]})"
         body.append("  sh[lid] = acc;\n  workgroupBarrier();\n" + tree("sh", "{a} + {b}"))
         body.append(f"  if (lid == 0u) {{ o[{p.u.o_off} + row] = {store('f32', ost, owrap, final)}; }}\n}}\n")
-        return head + decl.format(t="f32") + ENTRY.format(wg=wg) + "".join(body), "wr"
+        return head + decl.format(t="f32") + ENTRY.format(wg=wg) + "".join(body), access(binds)
     fill = dict(ct=ct, zero=ZERO[ct], one=ONE[ct], lowest=lowest,
                 highest=highest, max="f_max" if ct == "f32" else "max", min="f_min" if ct == "f32" else "min")
     acc_t, init, comb, xmap, final = (s.format(**fill) if "{a}" not in s else s.replace("{max}", fill["max"])
@@ -132,7 +133,7 @@ def reduce_wgsl(kind: str, no: int, nr: int, inp: tuple, out: tuple, wg: int,
                 + "  sh[lid] = acc;\n  workgroupBarrier();\n" + tree("sh", comb)
                 + f"  if (lid == 0u) {{\n    let acc = sh[0];\n"
                 f"    o[{p.u.o_off} + row] = {store(_RT.get(kind, acc_t), ost, owrap, final)};\n  }}\n}}\n")
-    return head + decl.format(t=acc_t) + ENTRY.format(wg=wg) + "".join(body), "wr"
+    return head + decl.format(t=acc_t) + ENTRY.format(wg=wg) + "".join(body), access(binds)
 
 
 def _dims(dims: Sequence[int] | None, nd: int) -> list[int]:
@@ -174,8 +175,7 @@ def reduce(rt: Runtime, kind: str, x: WGTensor, dims: Sequence[int] | None, keep
     o = (out.info.storage, out.info.wrap)
     ist = idx.info.storage if idx is not None else "i32"
     k = rt.kernel(("reduce", kind, no, nr, inp, o, wg, ist),
-                  lambda: reduce_wgsl(kind, no, nr, inp, o, wg, ist)[0], "wwr" if idx is not None else "wr",
-                  f"reduce-{kind}")
+                  lambda: reduce_wgsl(kind, no, nr, inp, o, wg, ist), f"reduce-{kind}")
     extra = [idx.offset] if idx is not None else [fbits(scalar)] if scalar is not None else []
     params = SLOTS.bind(no=no, nr=nr, ne=int(kind in _EXTRA)).pack(
         rows=rows, n=n, x_off=x.offset, o_off=out.offset, oshape=oshape, ost=ostr, rshape=rshape, rst=rstr,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tapml.backends.webgpu.kernels.host import new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, ONE, ZERO, Slots, header, load, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, ONE, ZERO, Slots, access, header, load, store
 from tapml.backends.webgpu.kernels.rows import ROWS, row_values, rows_prelude
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
@@ -19,7 +19,8 @@ SLOTS = Slots(*ROWS)
 def cumulative_wgsl(kind: str, no: int, st: str, ct: str, ost: str, owrap: str) -> tuple[str, str]:
     """One thread per row, in order (as torch does): cumsum (compensated in f32) or cumprod."""
     p = SLOTS.bind(no=no)
-    src = [header([("o", "w", ost), ("x", "r", st)], 64), ENTRY.format(wg=64)]
+    binds = [("o", "w", ost), ("x", "r", st)]
+    src = [header(binds, 64), ENTRY.format(wg=64)]
     src.append(f"  let row = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (row >= {p.u.rows}) {{ return; }}\n"
                f"  let n = {p.u.n};\n")
     src.append(rows_prelude(p))
@@ -35,7 +36,7 @@ def cumulative_wgsl(kind: str, no: int, st: str, ct: str, ost: str, owrap: str) 
         init = ZERO[ct] if kind == "cumsum" else ONE[ct]
         src.append(f"  var s = {init};\n  for (var j = 0u; j < n; j = j + 1u) {{\n    s = s {op} {ld};\n"
                    f"    o[ob + j * os] = {store(ct, ost, owrap, 's')};\n  }}\n}}\n")
-    return "".join(src), "wr"
+    return "".join(src), access(binds)
 
 
 def cumulative(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.dtype) -> WGTensor:
@@ -47,6 +48,6 @@ def cumulative(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.d
     ct = out.info.ct if out.info.ct != "bool" else "i32"
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("cum", kind, no, st, ct, ost, wrap),
-                  lambda: cumulative_wgsl(kind, no, st, ct, ost, wrap)[0], "wr", kind)
+                  lambda: cumulative_wgsl(kind, no, st, ct, ost, wrap), kind)
     rt.dispatch(k, [out.buf, x.buf], SLOTS.bind(no=no).pack(**values), -(-values["rows"] // 64))
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tapml.backends.webgpu.kernels.host import bcast_strides, fbits, new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store, tree
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, access, header, load, store, tree
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
 # Sizes (batch, heads, query and key lengths, feature sizes of q/k and of v), heads per kv head, the scale and
@@ -102,7 +102,7 @@ def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, s
   if (lid == 0u) {{ lse[{lse_at}] = select(m + t_log(l), 0.0, l == 0.0); }}
 }}
 """)
-    return "".join(src), "wwrrr" + ("r" if mask else "")
+    return "".join(src), access(binds)
 
 
 def attention(rt: Runtime, q: WGTensor, k: WGTensor, v: WGTensor, mask: WGTensor | None, scale: float,
@@ -127,7 +127,6 @@ def attention(rt: Runtime, q: WGTensor, k: WGTensor, v: WGTensor, mask: WGTensor
                                o_off=out.offset, o_st=out.stride, lse_off=lse.offset, lse_st=lse.stride)
     bufs = [out.buf, lse.buf, q.buf, k.buf, v.buf] + ([mask.buf] if mask is not None else [])
     st = q.info.storage
-    kern = rt.kernel(("attn", st, mkind, ept, wg), lambda: attention_wgsl(st, mkind, ept, wg)[0],
-                     "wwrrr" + ("r" if mask is not None else ""), "attention")
+    kern = rt.kernel(("attn", st, mkind, ept, wg), lambda: attention_wgsl(st, mkind, ept, wg), "attention")
     rt.dispatch(kern, bufs, params, bsz * h * seq_l)
     return out, lse

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tapml.backends.webgpu.kernels.host import new
-from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, header, load, store
+from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, access, header, load, store
 from tapml.backends.webgpu.kernels.rows import ROWS, row_values, rows_prelude
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
@@ -21,7 +21,8 @@ def rank_sort_wgsl(no: int, st: str, ct: str, ost: str, owrap: str, ist: str) ->
     """Sort/topk by rank: thread (row, j) counts the elements that order before x_j (stable: ties by index)
     and writes x_j and j at that position if it is < k. Params: SLOTS."""
     p = SLOTS.bind(no=no)
-    src = [header([("o", "w", ost), ("oi", "w", ist), ("x", "r", st)], 64), ENTRY.format(wg=64)]
+    binds = [("o", "w", ost), ("oi", "w", ist), ("x", "r", st)]
+    src = [header(binds, 64), ENTRY.format(wg=64)]
     src.append(f"  let t = (wid.x + wid.y * nwg.x) * WG + lid;\n  let n = {p.u.n};\n"
                f"  if (t >= {p.u.rows} * n) {{ return; }}\n  let row = t / n;\n  let j = t % n;\n")
     src.append(rows_prelude(p))
@@ -39,7 +40,7 @@ def rank_sort_wgsl(no: int, st: str, ct: str, ost: str, owrap: str, ist: str) ->
                f"    if (b || ({same} && i < j)) {{ r = r + 1u; }}\n  }}\n"
                f"  if (r < {p.u.k}) {{\n    o[ob + r * os] = {store(ct, ost, owrap, 'v')};\n"
                f"    oi[{ib} + r * {p.u.i_st}] = {ist}(j);\n  }}\n}}\n")
-    return "".join(src), "wwr"
+    return "".join(src), access(binds)
 
 
 def rank_sort(rt: Runtime, x: WGTensor, dim: int, k: int, descending: bool) -> tuple[WGTensor, WGTensor]:
@@ -58,8 +59,7 @@ def rank_sort(rt: Runtime, x: WGTensor, dim: int, k: int, descending: bool) -> t
     ct = x.info.ct if x.info.ct != "bool" else "i32"
     st, ist = x.info.storage, idx.info.storage
     kern = rt.kernel(("rank", no, st, ct, vals.info.storage, vals.info.wrap, ist),
-                     lambda: rank_sort_wgsl(no, st, ct, vals.info.storage, vals.info.wrap, ist)[0], "wwr",
-                     "sort")
+                     lambda: rank_sort_wgsl(no, st, ct, vals.info.storage, vals.info.wrap, ist), "sort")
     total = values["rows"] * (x.shape[dim] if x.dim() else 1)
     rt.dispatch(kern, [vals.buf, idx.buf, x.buf], params, -(-total // 64))
     return vals, idx
