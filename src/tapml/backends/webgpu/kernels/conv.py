@@ -15,16 +15,17 @@ from tapml.backends.webgpu.runtime import Runtime, WGTensor
 # Sizes, (h, w) pairs of stride, padding and dilation, groups; then each tensor's offset and strides
 # (b: the bias).
 CONV2D = Slots("N Cin H W Cout OH OW KH KW stride:2 pad:2 dil:2 groups",
-               "x_off x_st:4 w_off w_st:4 b_off b_st o_off o_st:4")
+               "x_off x_st:4 w_off w_st:4 b_off b_st o_off o_st:4").bind()
 # NC = N * C; count_pad: avg counts padding; divisor: avg's divisor_override (0: none); out and index
 # outputs are fresh (offsets only).
-POOL2D = Slots("NC C H W OH OW KH KW stride:2 pad:2 dil:2 count_pad divisor", "x_off x_st:4 o_off i_off")
+POOL2D = Slots("NC C H W OH OW KH KW stride:2 pad:2 dil:2 count_pad divisor",
+               "x_off x_st:4 o_off i_off").bind()
 
 
 def conv2d_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
     """Direct convolution, one thread per output (n, co, oh, ow), groups/stride/padding/dilation.
     Params: CONV2D."""
-    p = CONV2D.bind()
+    p = CONV2D
     u = p.u
     binds = [("o", "w", ost), ("x", "r", st), ("w", "r", st)] + ([("bb", "r", st)] if bias else [])
     src = [header(binds, 64), ENTRY.format(wg=64)]
@@ -61,7 +62,7 @@ def conv2d_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
 def pool2d_wgsl(kind: str, st: str, ost: str, owrap: str, ist: str = "i32") -> tuple[str, str]:
     """kind: max (values + flat h*W+w indices), avg, adaptive_avg. One thread per output (n*c, oh, ow).
     Params: POOL2D."""
-    p = POOL2D.bind()
+    p = POOL2D
     u, i = p.u, p.i
     binds = [("o", "w", ost)] + ([("oi", "w", ist)] if kind == "max" else []) + [("x", "r", st)]
     src = [header(binds, 64), ENTRY.format(wg=64)]
@@ -127,7 +128,7 @@ def conv2d(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride:
     if out.numel() == 0:
         return out
     oh, ow = out_shape[2], out_shape[3]
-    params = CONV2D.bind().pack(N=n, Cin=cin, H=hh, W=ww, Cout=cout, OH=oh, OW=ow, KH=kh, KW=kw,
+    params = CONV2D.pack(N=n, Cin=cin, H=hh, W=ww, Cout=cout, OH=oh, OW=ow, KH=kh, KW=kw,
                                 stride=stride, pad=padding, dil=dilation, groups=groups, x_off=x.offset,
                                 x_st=x.stride, w_off=w.offset, w_st=w.stride,
                                 b_off=bias.offset if bias is not None else 0,
@@ -151,7 +152,7 @@ def pool2d(rt: Runtime, kind: str, x: WGTensor, out_hw: Sequence[int], kernel: S
     idx = new(rt, (n, c, oh, ow), torch.int64) if kind == "max" else None
     if out.numel() == 0:
         return out, idx
-    params = POOL2D.bind().pack(NC=n * c, C=c, H=hh, W=ww, OH=oh, OW=ow, KH=kernel[0], KW=kernel[1],
+    params = POOL2D.pack(NC=n * c, C=c, H=hh, W=ww, OH=oh, OW=ow, KH=kernel[0], KW=kernel[1],
                                 stride=stride, pad=padding, dil=dilation, count_pad=int(count_include_pad),
                                 divisor=divisor or 0, x_off=x.offset, x_st=x.stride, o_off=out.offset,
                                 i_off=idx.offset if idx is not None else 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -28,7 +29,8 @@ from tapml.errors import TapmlError
 LETTERS = "abcdefgh"
 
 
-def ew_slots(operands: Sequence[tuple], nd: int, vec: bool) -> Layout:
+@cache
+def ew_slots(operands: tuple, nd: int, vec: bool) -> Layout:
     """The parameter words of one elementwise kernel: numel (the vec4 count when `vec`), the shape, per tensor
     (out first) its offset and strides (only the offset when `vec`: unit strides), then each scalar operand
     (two words for i64)."""

@@ -28,9 +28,10 @@ class Tile(NamedTuple):
 
 # Both matmul kernels (the fast one reads a subset): each operand's offset and its (batch, row, column)
 # strides; c is the bias (zeros when there is none). Word 3 is unused, so each operand's words start a vec4.
-MATMUL = Slots("M N K pad", "a_off a_st:3 b_off b_st:3 o_off o_st:3 c_off c_st:3", "alpha beta")
+MATMUL = Slots("M N K pad", "a_off a_st:3 b_off b_st:3 o_off o_st:3 c_off c_st:3",
+               "alpha beta").bind()
 # offs is the int tensor of the groups' end rows
-GROUPED_MM = Slots("M N K G", "a_off a_st:2 b_off b_st:3 offs_off offs_st o_off o_st:2")
+GROUPED_MM = Slots("M N K G", "a_off a_st:2 b_off b_st:3 offs_off offs_st o_off o_st:2").bind()
 
 
 def matmul_wgsl(tile: Tile, a_kfast: bool, b_nfast: bool, st_a: str, st_b: str, st_c: str | None, ost: str,
@@ -41,7 +42,7 @@ def matmul_wgsl(tile: Tile, a_kfast: bool, b_nfast: bool, st_a: str, st_b: str, 
     a_kfast, b_nfast: the load order follows whichever stride is 1 so global reads coalesce. Params: MATMUL.
     """
     bm, bn, bk, tm, tn = tile
-    p = MATMUL.bind()
+    p = MATMUL
     tx, ty = bn // tn, bm // tm
     nt = tx * ty
     binds = [("o", "w", ost), ("a", "r", st_a), ("b", "r", st_b)] + ([("c", "r", st_c)] if st_c else [])
@@ -122,7 +123,7 @@ def matmul_fast_wgsl(tile: Tile) -> tuple[str, str]:
     the leading dimensions; column strides are 1 and the bias is absent).
     """
     bm, bn, bk, tm, tn = tile
-    p = MATMUL.bind()
+    p = MATMUL
     if tm % 4 or tn % 4 or bk % 4:
         raise ValueError(f"matmul_fast needs TM, TN and BK multiples of 4, got {tuple(tile)}")
     tx, ty = bn // tn, bm // tm
@@ -212,7 +213,7 @@ def matmul_fast_wgsl(tile: Tile) -> tuple[str, str]:
 def grouped_mm_wgsl(st: str, ost: str, owrap: str, gst: str = "i32") -> tuple[str, str]:
     """out[m, n] = sum_k a[m, k] * b[g(m), k, n], g(m) = the group whose offs range holds row m (rows past
     the last offset are zero). Params: GROUPED_MM."""
-    u = GROUPED_MM.bind().u
+    u = GROUPED_MM.u
     b_at = f"{u.b_off} + grp * {u.b_st[0]} + k * {u.b_st[1]} + n * {u.b_st[2]}"
     binds = [("o", "w", ost), ("a", "r", st), ("b", "r", st), ("g", "r", gst)]
     src = [header(binds, 64), ENTRY.format(wg=64)]
@@ -248,15 +249,21 @@ def fast_cfg(m: int, n: int) -> Tile:
     return FAST or FAST_CFG
 
 
+# Tiles of the general (any strides, any size) kernel: thin for decode-shaped products.
+_THIN4 = Tile(4, 64, 16, 1, 4)
+_THIN16 = Tile(16, 64, 16, 2, 4)
+_SMALL = Tile(32, 32, 16, 4, 4)
+_LARGE = Tile(64, 64, 16, 4, 4)
+
+
 def _cfg(rt: Runtime, m: int, n: int) -> Tile:
-    """Tiles of the general (any strides, any size) kernel: thin for decode-shaped products."""
     if m <= 4:
-        return Tile(4, 64, 16, 1, 4)
+        return _THIN4
     if m <= 16:
-        return Tile(16, 64, 16, 2, 4)
+        return _THIN16
     if rt.is_cpu or m * n <= 128 * 128:
-        return Tile(32, 32, 16, 4, 4)
-    return Tile(64, 64, 16, 4, 4)
+        return _SMALL
+    return _LARGE
 
 
 def matmul(rt: Runtime, a: WGTensor, b: WGTensor, bias: WGTensor | None = None, alpha: float = 1.0,
@@ -290,7 +297,7 @@ def matmul(rt: Runtime, a: WGTensor, b: WGTensor, bias: WGTensor | None = None, 
         fast = aligned and not rt.is_cpu
     elif fast and not aligned:
         raise TapmlError("webgpu: the fast matmul needs aligned row-major f32 operands")
-    params = MATMUL.bind().pack(M=m, N=n, K=kd, pad=0, a_off=a3.offset, a_st=a3.stride, b_off=b3.offset,
+    params = MATMUL.pack(M=m, N=n, K=kd, pad=0, a_off=a3.offset, a_st=a3.stride, b_off=b3.offset,
                                 b_st=b3.stride, o_off=o3.offset, o_st=o3.stride,
                                 c_off=bias.offset if bcast_b else 0,
                                 c_st=bcast_strides(bias, o3.shape) if bcast_b else (0, 0, 0),
@@ -322,7 +329,7 @@ def grouped_mm(rt: Runtime, a: WGTensor, b: WGTensor, offs: WGTensor) -> WGTenso
     st, ost, wrap = a.info.storage, out.info.storage, out.info.wrap
     gst = offs.info.storage
     k = rt.kernel(("gmm", st, ost, wrap, gst), lambda: grouped_mm_wgsl(st, ost, wrap, gst), "grouped_mm")
-    params = GROUPED_MM.bind().pack(M=m, N=n, K=kd, G=g, a_off=a.offset, a_st=a.stride, b_off=b.offset,
+    params = GROUPED_MM.pack(M=m, N=n, K=kd, G=g, a_off=a.offset, a_st=a.stride, b_off=b.offset,
                                     b_st=b.stride, offs_off=offs.offset, offs_st=offs.stride[0], o_off=0,
                                     o_st=(n, 1))
     rt.dispatch(k, [out.buf, a.buf, b.buf, offs.buf], params, -(-m * n // 64))

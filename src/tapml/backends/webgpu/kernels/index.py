@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 import torch
@@ -26,10 +27,11 @@ from tapml.backends.webgpu.kernels.prelude import (
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 from tapml.errors import TapmlError
 
-ISIN = Slots("n nt x_off t_off invert")
-HISTC = Slots("n bins x_off lo hi")
+ISIN = Slots("n nt x_off t_off invert").bind()
+HISTC = Slots("n bins x_off lo hi").bind()
 
 
+@cache
 def gather_slots(nd: int, nidx: int) -> Layout:
     """numel and the index space's shape; o (the output, or the values when scattering): offset and strides
     over the index space; s (the source, or self when scattering): offset and coefficients; then per index
@@ -39,12 +41,17 @@ def gather_slots(nd: int, nidx: int) -> Layout:
     return Slots("numel shape:nd", "o_off o_st:nd s_off s_coef:nd", *index).bind(nd=nd)
 
 
+@cache
+def _index_names(k: int) -> tuple[str, str, str, str]:
+    return f"ix{k}_off", f"ix{k}_st", f"ix{k}_dim_st", f"ix{k}_dim_n"
+
+
 def _index_words(index: Sequence[tuple[WGTensor, Sequence[int], int, int]]) -> dict[str, Any]:
     """The index tensors' slots of `gather_slots`."""
     words: dict[str, Any] = {}
     for k, (t, strides, dstride, dsize) in enumerate(index):
-        words.update({f"ix{k}_off": t.offset, f"ix{k}_st": strides, f"ix{k}_dim_st": dstride,
-                      f"ix{k}_dim_n": dsize})
+        off, st, dim_st, dim_n = _index_names(k)
+        words[off], words[st], words[dim_st], words[dim_n] = t.offset, strides, dstride, dsize
     return words
 
 
@@ -84,7 +91,7 @@ def gather_wgsl(nd: int, nidx: int, st: str, ct: str, ost: str, owrap: str, idx_
 
 def isin_wgsl(st: str, tst: str, ct: str) -> tuple[str, str]:
     """out[i] = any_j (x[i] == t[j]) (xor invert). x and t contiguous. Params: ISIN."""
-    u = ISIN.bind().u
+    u = ISIN.u
     binds = [("o", "w", "u32"), ("x", "r", st), ("tt", "r", tst)]
     src = [header(binds, 256), ENTRY.format(wg=256)]
     src.append(f"""  let i = (wid.x + wid.y * nwg.x) * WG + lid;
@@ -103,7 +110,7 @@ def isin_wgsl(st: str, tst: str, ct: str) -> tuple[str, str]:
 def histc_wgsl(st: str) -> tuple[str, str]:
     """Counts into an atomic i32 histogram: bin = int((x - lo) * bins / (hi - lo)), hi inclusive.
     Params: HISTC (lo and hi as f32)."""
-    p = HISTC.bind()
+    p = HISTC
     binds = [("cnt", "w", "atomic<i32>"), ("x", "r", st)]
     src = [header(binds, 256), ENTRY.format(wg=256)]
     src.append(f"""  let i = (wid.x + wid.y * nwg.x) * WG + lid;
@@ -176,7 +183,7 @@ def isin(rt: Runtime, x: WGTensor, test: WGTensor, invert: bool) -> WGTensor:
         "i64" if "i64" in (x.info.ct, test.info.ct) else "i32")
     st, tst = xc.info.storage, tc.info.storage
     k = rt.kernel(("isin", st, tst, ct), lambda: isin_wgsl(st, tst, ct), "isin")
-    params = ISIN.bind().pack(n=out.numel(), nt=tc.numel(), x_off=xc.offset, t_off=tc.offset,
+    params = ISIN.pack(n=out.numel(), nt=tc.numel(), x_off=xc.offset, t_off=tc.offset,
                               invert=int(invert))
     rt.dispatch(k, [out.buf, xc.buf, tc.buf], params, -(-out.numel() // 256))
     return out
@@ -189,6 +196,6 @@ def histc(rt: Runtime, x: WGTensor, bins: int, lo: float, hi: float) -> WGTensor
     st = xc.info.storage
     k = rt.kernel(("histc", st), lambda: histc_wgsl(st), "histc")
     if xc.numel():
-        params = HISTC.bind().pack(n=xc.numel(), bins=bins, x_off=xc.offset, lo=fbits(lo), hi=fbits(hi))
+        params = HISTC.pack(n=xc.numel(), bins=bins, x_off=xc.offset, lo=fbits(lo), hi=fbits(hi))
         rt.dispatch(k, [counts.buf, xc.buf], params, -(-xc.numel() // 256))
     return copy(rt, counts, new(rt, (bins,), x.dtype))

@@ -10,7 +10,8 @@ Workgroups are linearized as wid.x + wid.y * nwg.x.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import keyword
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # --- shared pieces -----------------------------------------------------------------------------------------
@@ -39,13 +40,14 @@ class Slots:
         self._layouts: dict[tuple, Layout] = {}
 
     def bind(self, **dims: int) -> Layout:
-        key = tuple(sorted(dims.items()))
-        lay = self._layouts.get(key)
-        if lay is None:
+        key = tuple(dims.items())  # (dims given in another order only cache an equal layout twice)
+        try:
+            return self._layouts[key]
+        except KeyError:
             lay = Layout([(name, None if not n else int(n) if n.isdigit() else dims[n])
                           for name, n in self.fields])
             self._layouts[key] = lay
-        return lay
+            return lay
 
 
 class Layout:
@@ -53,7 +55,7 @@ class Layout:
     WGSL that reads it as u32, i32 or f32 (`lay.u.M` is "pu(0u)", a run gives a tuple, one per word); `pack`
     lays values out in window order."""
 
-    __slots__ = ("at", "f", "i", "runs", "u", "words")
+    __slots__ = ("at", "f", "i", "pack", "runs", "u", "words")
 
     def __init__(self, fields: Sequence[tuple[str, int | None]]) -> None:  # run length, None for one word
         self.at: dict[str, int] = {}
@@ -62,25 +64,35 @@ class Layout:
         for name, run in fields:
             if name in self.at:
                 raise ValueError(f"parameter slot {name!r} declared twice")
+            if not name.isidentifier() or keyword.iskeyword(name):
+                raise ValueError(f"parameter slot {name!r} is not a plain name")
             self.at[name], self.runs[name] = n, run
             n += 1 if run is None else run
         self.words = n
         self.u, self.i, self.f = _Reads(self, "pu"), _Reads(self, "pi"), _Reads(self, "pf")
+        self.pack: Callable[..., list[int]] = _packer(self.runs)
 
-    def pack(self, **values: Any) -> list[int]:
-        """The parameter words: every slot by name (a run as a sequence of its length), in window order."""
-        if values.keys() != self.at.keys():
-            raise ValueError(f"parameter slots {sorted(self.at)} packed as {sorted(values)}")
-        out: list[int] = []
-        for name, run in self.runs.items():
-            v = values[name]
-            if run is None:
-                out.append(v)
-            elif len(v) == run:
-                out += v
-            else:
-                raise ValueError(f"parameter slot {name!r} takes {run} words, got {len(v)}")
-        return out
+
+def _packer(runs: dict[str, int | None]) -> Callable[..., list[int]]:
+    """`pack(**values)`: the parameter words, every slot by name (a run as a sequence of its length), in
+    window order; a slot missing or not declared is a TypeError, a run of the wrong length a ValueError.
+
+    Generated as a function with one keyword-only parameter per slot, as dataclasses generate __init__:
+    launchers pack on every dispatch, and a compiled signature matches names at call speed."""
+    def bad_runs(values: dict[str, Any]) -> str:
+        wrong = [f"{n} takes {r} words, got {len(values[n])}" for n, r in runs.items()
+                 if r is not None and len(values[n]) != r]
+        return "parameter runs of the wrong length: " + ", ".join(wrong)
+
+    lengths = [f"len({n}) != {r}" for n, r in runs.items() if r is not None]
+    words = ", ".join(n if r is None else f"*{n}" for n, r in runs.items())
+    code = f"def pack({'*, ' + ', '.join(runs) if runs else ''}):\n"
+    if lengths:
+        code += f"    if {' or '.join(lengths)}:\n        raise ValueError(bad_runs(locals()))\n"
+    code += f"    return [{words}]\n"
+    scope: dict[str, Any] = {"bad_runs": bad_runs}
+    exec(code, scope)  # noqa: S102  (the text is built from slot names checked to be plain identifiers)
+    return scope["pack"]
 
 
 class _Reads:

@@ -14,8 +14,8 @@ from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
 # Sizes (batch, heads, query and key lengths, feature sizes of q/k and of v), heads per kv head, the scale and
 # causal; then each tensor's offset and strides ([B, H, L, E] order; the mask broadcast to [B, H, L, S]).
-SLOTS = Slots("B H L S E Ev group scale causal",
-              "q_off q_st:4 k_off k_st:4 v_off v_st:4 m_off m_st:4 o_off o_st:4 lse_off lse_st:3")
+SLOTS = Slots("B H L S E Ev group scale causal", "q_off q_st:4 k_off k_st:4 v_off v_st:4",
+              "m_off m_st:4 o_off o_st:4 lse_off lse_st:3").bind()
 
 
 def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, str]:
@@ -24,7 +24,7 @@ def attention_wgsl(st: str, mask: str | None, ept: int, wg: int) -> tuple[str, s
     mask: None, 'f' (additive, any float storage) or 'b' (bool, keep where true). Each thread owns `ept`
     output features (e = lid + i * WG). Params: SLOTS.
     """
-    p = SLOTS.bind()
+    p = SLOTS
     u = p.u
     binds = [("o", "w", st), ("lse", "w", "f32"), ("q", "r", st), ("k", "r", st), ("v", "r", st)]
     if mask:
@@ -121,7 +121,7 @@ def attention(rt: Runtime, q: WGTensor, k: WGTensor, v: WGTensor, mask: WGTensor
     m_off, m_st = 0, (0,) * 4
     if mask is not None:
         m_off, m_st = mask.offset, bcast_strides(mask, (bsz, h, seq_l, seq_s))
-    params = SLOTS.bind().pack(B=bsz, H=h, L=seq_l, S=seq_s, E=e, Ev=ev, group=h // hk, scale=fbits(scale),
+    params = SLOTS.pack(B=bsz, H=h, L=seq_l, S=seq_s, E=e, Ev=ev, group=h // hk, scale=fbits(scale),
                                causal=int(causal), q_off=q.offset, q_st=q.stride, k_off=k.offset,
                                k_st=k.stride, v_off=v.offset, v_st=v.stride, m_off=m_off, m_st=m_st,
                                o_off=out.offset, o_st=out.stride, lse_off=lse.offset, lse_st=lse.stride)
