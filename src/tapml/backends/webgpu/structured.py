@@ -1,7 +1,7 @@
 """Structured ATen ops: reductions, softmax, normalizations, the matmul family, attention, convolution,
 pooling, indexing/scatter, cumulative sums, sort/topk, isin and histc.
 
-Each handler derives shapes and strides on the host and hands all values to kernels (`kernels.py`); a case
+Each handler derives shapes and strides on the host and hands all values to kernels (`kernels/`); a case
 it cannot run faithfully is turned down by its check (reported unsupported), never approximated.
 """
 
