@@ -84,7 +84,6 @@ def softmax(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.dtyp
     out = new(rt, x.shape, out_dtype)
     if out.numel() == 0:
         return out
-    dim = dim % x.dim() if x.dim() else 0
     values, no = row_values(x, dim, out)
     wg = 256 if values["n"] >= 4096 else 64
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap

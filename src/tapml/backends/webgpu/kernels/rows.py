@@ -34,8 +34,10 @@ def row_loop(ld: str, body: str) -> str:
 
 
 def row_values(x: WGTensor, dim: int, out: WGTensor) -> tuple[dict[str, Any], int]:
-    """The values of the ROWS slots for rows along `dim`, and the outer rank `no` they are bound with."""
+    """The values of the ROWS slots for rows along `dim` (negative counts from the end), and the outer rank
+    `no` they are bound with."""
     nd = x.dim()
+    dim = dim % nd if nd else 0
     outer = [d for d in range(nd) if d != dim]
     oshape, (xs, os_) = coalesce([x.shape[d] for d in outer], [[x.stride[d] for d in outer],
                                                                [out.stride[d] for d in outer]])

@@ -43,7 +43,6 @@ def cumulative(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.d
     out = new(rt, x.shape, out_dtype)
     if out.numel() == 0:
         return out
-    dim = dim % x.dim() if x.dim() else 0
     values, no = row_values(x, dim, out)
     ct = out.info.ct if out.info.ct != "bool" else "i32"
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
