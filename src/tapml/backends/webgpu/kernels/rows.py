@@ -13,8 +13,8 @@ from tapml.backends.webgpu.kernels.host import coalesce
 from tapml.backends.webgpu.kernels.prelude import Layout, decompose
 from tapml.backends.webgpu.runtime import WGTensor
 
-# `rows` rows of `n` elements along one dim: x and out each an offset, a stride along the dim and strides over
-# the outer dims (coalesced to shape `oshape`). A row kernel's Slots start with these and add its own words.
+# `rows` rows of `n` elements along one dim: x and out each an offset, a stride along the dim and strides
+# over the outer dims (coalesced to shape `oshape`). A row kernel's Slots start with these, then its own.
 ROWS = ("rows n x_off x_st o_off o_st", "oshape:no x_outer:no o_outer:no")
 
 

@@ -52,14 +52,14 @@ def rank_sort(rt: Runtime, x: WGTensor, dim: int, k: int, descending: bool) -> t
     vals, idx = new(rt, shape, x.dtype), new(rt, shape, torch.int64)
     if x.numel() == 0 or k == 0:
         return vals, idx
-    values, no = row_values(x, dim, vals)
+    row, no = row_values(x, dim, vals)
     # indices share the values' (fresh, contiguous, same-shape) layout
-    params = SLOTS.bind(no=no).pack(**values, k=k, desc=int(descending), i_off=idx.offset,
-                                    i_st=values["o_st"], i_outer=values["o_outer"])
+    params = SLOTS.bind(no=no).pack(**row, k=k, desc=int(descending), i_off=idx.offset, i_st=row["o_st"],
+                                    i_outer=row["o_outer"])
     ct = x.info.ct if x.info.ct != "bool" else "i32"
     st, ist = x.info.storage, idx.info.storage
     kern = rt.kernel(("rank", no, st, ct, vals.info.storage, vals.info.wrap, ist),
                      lambda: rank_sort_wgsl(no, st, ct, vals.info.storage, vals.info.wrap, ist), "sort")
-    total = values["rows"] * (x.shape[dim] if x.dim() else 1)
+    total = row["rows"] * (x.shape[dim] if x.dim() else 1)
     rt.dispatch(kern, [vals.buf, idx.buf, x.buf], params, -(-total // 64))
     return vals, idx
