@@ -25,6 +25,7 @@ os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
 from tapml.backends import get_backend
 from tapml.backends.webgpu import kernels as K
+from tapml.backends.webgpu.kernels import gemm
 from tapml.ops import OpCall
 
 
@@ -108,7 +109,7 @@ def kernels(be, device: str, small: bool, iters: int) -> None:
 def sweep(be, small: bool) -> None:
     """GFLOP/s of the register-blocked matmul for tile configurations (BM, BN, BK, TM, TN) at both sizes."""
     rt = be.rt
-    default = K.FAST
+    default = gemm.FAST
     for n in (256, 512) if small else (1024, 4096):
         a, b = torch.randn(n, n), torch.randn(n, n)
         ha, hb = be.upload(a), be.upload(b)
@@ -117,7 +118,7 @@ def sweep(be, small: bool) -> None:
         for cfg in [(128, 128, 8, 8, 8), (128, 128, 16, 8, 8), (128, 64, 8, 8, 8), (64, 128, 8, 8, 8),
                     (64, 128, 16, 8, 8), (64, 64, 8, 8, 8), (64, 64, 16, 8, 8), (64, 64, 16, 4, 4),
                     (32, 64, 16, 4, 8), (128, 256, 8, 8, 16), (128, 64, 16, 8, 4), (64, 64, 32, 8, 8)]:
-            K.FAST = cfg
+            gemm.FAST = gemm.Tile(*cfg)
             try:
                 t = gpu_seconds(rt, lambda ha=ha, hb=hb, out=out: K.matmul(rt, ha, hb, out=out, fast=True),
                                 4 if n >= 4096 else 16)
@@ -125,7 +126,7 @@ def sweep(be, small: bool) -> None:
                 print(f"matmul_fast {n}^3 {cfg}: {2 * n**3 / t / 1e9:9.1f} GFLOP/s  max err {err:.1e}", flush=True)
             except Exception as e:
                 print(f"matmul_fast {n}^3 {cfg}: failed: {type(e).__name__}: {str(e)[:200]}")
-    K.FAST = default
+    gemm.FAST = default
 
 
 def overhead(be, n: int = 2000) -> None:

@@ -86,7 +86,7 @@ def test_a_chain_of_ops_on_resident_handles_is_one_round_trip(browser):
 
 def test_compile_errors_come_back_with_their_position(browser):
     with pytest.raises(TapmlError, match=r"kernel broken failed to compile: .*WGSL error at \d+:\d+"):
-        browser.rt.kernel(("broken",), lambda: "@compute @workgroup_size(1) fn main() { let x: f32 = ; }", "w",
+        browser.rt.kernel(("broken",), lambda: ("@compute @workgroup_size(1) fn main() { let x: f32 = ; }", "w"),
                           "broken")
     assert browser.download(browser.upload(torch.arange(5))).tolist() == list(range(5))  # still serving
 

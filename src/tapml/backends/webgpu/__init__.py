@@ -2,8 +2,9 @@
 
 Tensors live on the device as `WGTensor` handles; every op the backend claims is computed by a kernel, and
 an op or dtype it cannot run is turned down by `supports` with a reason. It must not fall back to torch.
-Layout: `runtime` (device, caches, batching), `wgsl` (kernel text), `kernels` (launchers), `transfer`
-(upload/download), `ops` (the op table) with `pointwise` and `structured` (the handlers).
+Layout: `runtime` (device, caches, batching), `kernels/` (one module per kernel family: WGSL beside its
+launcher), `transfer` (upload/download), `ops` (the op table) with `pointwise` and `structured` (the
+handlers).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ def get_runtime(int64: str = "auto") -> Any:
     rt = _RUNTIMES.get(int64)
     if rt is None:
         os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-        from tapml.backends.webgpu import wgsl
+        from tapml.backends.webgpu import kernels
         from tapml.backends.webgpu.runtime import Runtime
 
         rt = Runtime(int64=int64)
-        rt.finalize = wgsl.finalize
+        rt.finalize = kernels.finalize
         _RUNTIMES[int64] = rt
     return rt
 

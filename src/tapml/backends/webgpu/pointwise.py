@@ -298,7 +298,7 @@ def _clamp(kind: str, inplace: bool):
         for bound, cmp in ((lo, "<"), (hi, ">")):
             if bound is None:
                 continue
-            v = K.wgsl.LETTERS[len(ops)]
+            v = K.LETTERS[len(ops)]
             ops.append(bound)
             cts.append(ct)
             expr = (f"select({expr}, {v}, ({expr}) {cmp} {v})" if ct == "f32"

@@ -1,6 +1,6 @@
 """The WebGPU runtime: device, tensor handles, buffer pool, pipeline and bind-group caches, batched dispatch.
 
-It knows buffers, pipelines and dispatches; it must not know ATen ops (`ops.py`) or WGSL text (`wgsl.py`).
+It knows buffers, pipelines and dispatches; it must not know ATen ops (`ops.py`) or WGSL text (`kernels/`).
 Dispatches are recorded into one open compute pass and submitted only when the host needs a result back
 (a read) or writes a buffer, so a chain of ops costs one submission.
 """
@@ -199,9 +199,9 @@ def _env_flag(name: str) -> bool:
 
 
 class RuntimeBase:
-    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers and the kernel
-    cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and `finalize`, makes and
-    drops buffers and compiles kernels."""
+    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers, the kernel
+    cache and the launch-plan cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and
+    `finalize`, makes and drops buffers and compiles kernels."""
 
     who = "webgpu"
 
@@ -211,6 +211,8 @@ class RuntimeBase:
         self._pool_cap = 1 << 30
         self._kernels: dict[Any, Kernel] = {}  # by specialization key
         self._by_source: dict[str, Kernel] = {}  # by final WGSL: keys that generate the same text share one
+        # the kernel library's launch plans by operand layout (kernels.elementwise.Plan; opaque here)
+        self.plans: dict[tuple, Any] = {}
 
     def _new_buffer(self, size: int) -> _Buf:
         raise NotImplementedError
@@ -221,12 +223,14 @@ class RuntimeBase:
     def _compile(self, src: str, bindings: str, name: str) -> Kernel:
         raise NotImplementedError
 
-    def kernel(self, key: Any, source: Callable[[], str], bindings: str, name: str = "") -> Kernel:
-        """The pipeline for `key` (a template name plus its specialization), compiled on first use."""
+    def kernel(self, key: Any, source: Callable[[], tuple[str, str]], name: str = "") -> Kernel:
+        """The pipeline for `key` (a template name plus its specialization), compiled on first use from
+        `source()`: its WGSL and its storage bindings' access letters ("r" read, "w" read-write) in order."""
         k = self._kernels.get(key)
         if k is not None:
             return k
-        src = self.finalize(source())
+        text, bindings = source()
+        src = self.finalize(text)
         k = self._by_source.get(src)
         if k is None:
             k = self._compile(src, bindings, name or str(key[0] if isinstance(key, tuple) else key))
@@ -299,7 +303,6 @@ class Runtime(RuntimeBase):
         self.stats = Stats()
         self._init_caches()
         self._staging: dict[int, Any] = {}
-        self.plans: dict[tuple, tuple] = {}  # launch plans of the kernel library, by operand layout
         self._layouts: dict[str, tuple[Any, Any]] = {}
         self._groups: OrderedDict[tuple, Any] = OrderedDict()
         self._arena = self.device.create_buffer(size=_ARENA_BYTES, usage=wgpu.BufferUsage.UNIFORM

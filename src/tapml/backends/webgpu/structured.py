@@ -1,7 +1,7 @@
 """Structured ATen ops: reductions, softmax, normalizations, the matmul family, attention, convolution,
 pooling, indexing/scatter, cumulative sums, sort/topk, isin and histc.
 
-Each handler derives shapes and strides on the host and hands all values to kernels (`kernels.py`); a case
+Each handler derives shapes and strides on the host and hands all values to kernels (`kernels/`); a case
 it cannot run faithfully is turned down by its check (reported unsupported), never approximated.
 """
 
@@ -195,9 +195,9 @@ def _batch_norm(rt: Runtime, x: WGTensor, weight: WGTensor | None, bias: WGTenso
     beta = f"(-b * {alpha})"
     if bias is not None:
         ops.append(_channel(bias, nd))
-        beta = f"({K.wgsl.LETTERS[len(ops) - 1]} - b * {alpha})"
+        beta = f"({K.LETTERS[len(ops) - 1]} - b * {alpha})"
     ops.append(float(eps))
-    expr = f"a * {alpha} + {beta}".replace("EPS", K.wgsl.LETTERS[len(ops) - 1])
+    expr = f"a * {alpha} + {beta}".replace("EPS", K.LETTERS[len(ops) - 1])
     return K.ew(rt, expr, ops, K.new(rt, x.shape, x.dtype), ["f32"] * len(ops), "f32")
 
 

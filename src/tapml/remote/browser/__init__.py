@@ -30,13 +30,13 @@ class BrowserBackend(WebGPUBackend):
 
     def __init__(self, chromium: str | None = None, flags: tuple[str, ...] = (), timeout: float = 300.0):
         # The same op table and launchers as `webgpu`; the device is the page (no wgpu runtime is created).
-        from tapml.backends.webgpu import ops, pointwise, structured, transfer, wgsl  # noqa: F401  (register ops)
+        from tapml.backends.webgpu import kernels, ops, pointwise, structured, transfer  # noqa: F401  (register ops)
         from tapml.remote.browser.host import PageHost
         from tapml.remote.browser.runtime import BrowserRuntime
 
         self.host = PageHost(chromium, tuple(flags), timeout)
         self.rt: Any = BrowserRuntime(self.host)
-        self.rt.finalize = wgsl.finalize
+        self.rt.finalize = kernels.finalize
         self._ops, self._transfer = ops, transfer
 
     def close(self) -> None:

@@ -3,8 +3,8 @@ carried out by a browser page instead of wgpu.
 
 The WebGPU backend's launchers plan "dispatch kernel K over buffers B with parameter words P"; this runtime
 records those plans and ships them to the page in one `gpu` request per flush (on a read, a sync, or when the
-batch grows large), so a chain of ops costs one round trip. WGSL text comes from the backend's `wgsl` module;
-it must not generate kernels or know ATen ops.
+batch grows large), so a chain of ops costs one round trip. WGSL text comes from the backend's `kernels`
+package; it must not generate kernels or know ATen ops.
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class BrowserRuntime(RuntimeBase):
         self.int64_native = False
         self.dtypes = DTYPES
         self.finalize: Callable[[str], str] = lambda src: src  # the kernel library's last pass over a source
-        self.plans: dict[tuple, tuple] = {}  # launch plans of the kernel library, by operand layout
         self.stats = Stats()
         self._init_caches()
         self._next_buf = 0
