@@ -75,24 +75,26 @@ class Layout:
 
 def _packer(runs: dict[str, int | None]) -> Callable[..., list[int]]:
     """`pack(**values)`: the parameter words, every slot by name (a run as a sequence of its length), in
-    window order; a slot missing or not declared is a TypeError, a run of the wrong length a ValueError.
+    window order; a slot missing or not declared is a TypeError, a run of the wrong length a ValueError."""
+    order = tuple(runs.items())
+    names = frozenset(runs)
 
-    Generated as a function with one keyword-only parameter per slot, as dataclasses generate __init__:
-    launchers pack on every dispatch, and a compiled signature matches names at call speed."""
-    def bad_runs(values: dict[str, Any]) -> str:
-        wrong = [f"{n} takes {r} words, got {len(values[n])}" for n, r in runs.items()
-                 if r is not None and len(values[n]) != r]
-        return "parameter runs of the wrong length: " + ", ".join(wrong)
+    def pack(**values: Any) -> list[int]:
+        if values.keys() != names:
+            missing, extra = sorted(names - values.keys()), sorted(values.keys() - names)
+            raise TypeError(f"pack() missing slots {missing}" if missing else f"pack() got unexpected slots {extra}")
+        words: list[int] = []
+        for name, run in order:
+            value = values[name]
+            if run is None:
+                words.append(value)
+            elif len(value) == run:
+                words.extend(value)
+            else:
+                raise ValueError(f"parameter runs of the wrong length: {name} takes {run} words, got {len(value)}")
+        return words
 
-    lengths = [f"len({n}) != {r}" for n, r in runs.items() if r is not None]
-    words = ", ".join(n if r is None else f"*{n}" for n, r in runs.items())
-    code = f"def pack({'*, ' + ', '.join(runs) if runs else ''}):\n"
-    if lengths:
-        code += f"    if {' or '.join(lengths)}:\n        raise ValueError(bad_runs(locals()))\n"
-    code += f"    return [{words}]\n"
-    scope: dict[str, Any] = {"bad_runs": bad_runs}
-    exec(code, scope)  # noqa: S102  (the text is built from slot names checked to be plain identifiers)
-    return scope["pack"]
+    return pack
 
 
 class _Reads:
