@@ -81,8 +81,10 @@ def _packer(runs: dict[str, int | None]) -> Callable[..., list[int]]:
 
     def pack(**values: Any) -> list[int]:
         if values.keys() != names:
-            missing, extra = sorted(names - values.keys()), sorted(values.keys() - names)
-            raise TypeError(f"pack() missing slots {missing}" if missing else f"pack() got unexpected slots {extra}")
+            missing = ", ".join(repr(n) for n in sorted(names - values.keys()))
+            extra = ", ".join(repr(n) for n in sorted(values.keys() - names))
+            raise TypeError(f"pack() missing slot(s): {missing}" if missing else
+                            f"pack() got unexpected slot(s): {extra}")
         words: list[int] = []
         for name, run in order:
             value = values[name]
