@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import TAPML
+from conftest import TAPML, model_ref
 
 from tapml.backends import get_backend
 from tapml.errors import TapmlError
@@ -32,7 +32,7 @@ def server():
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
     path = tmp_path_factory.mktemp("remote") / "tiny"
-    carve(f"{os.path.dirname(__file__)}/models/tiny.py:make_model", path, progress=False)
+    carve(model_ref("make_model"), path, progress=False)
     return path
 
 

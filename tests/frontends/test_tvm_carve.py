@@ -17,7 +17,7 @@ from tapml.frontends.tvm import carve_tvm
 from tapml.replay import run_tests
 from tapml.store import CaseStore
 
-os.environ.setdefault("TAPML_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".tapml-cache" / "tests"))
+os.environ.setdefault("TAPML_CACHE_DIR", str(Path(__file__).resolve().parents[2] / ".tapml-cache" / "tests"))
 
 
 @pytest.fixture(scope="module")

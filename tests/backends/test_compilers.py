@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("tvm")
 pytest.importorskip("iree.runtime")
 
-os.environ.setdefault("TAPML_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".tapml-cache" / "tests"))
+os.environ.setdefault("TAPML_CACHE_DIR", str(Path(__file__).resolve().parents[2] / ".tapml-cache" / "tests"))
 
 BACKENDS = ["onnxruntime", "tvm", "iree", "iree-vulkan", "inductor"]
 HISTC = OpCall("aten.histc.default", (torch.linspace(-1, 1, 100), 10, 0.0, 1.0), {})
