@@ -58,6 +58,7 @@ class DecodeJob:
     warmup: int = 2
     comm_steps: int = 8  # steps timed again without collectives, for the communication share
     timeout_s: float = 120.0
+    calibrate: bool = False  # measure this machine for the cost model (bandwidth, flops, host and link costs)
     generate: bool = False  # run transformers' generate() over the cache instead of the timing loop
     save_logits: str | None = None
     die_at: int | None = None  # fault injection for tests: the last rank vanishes at this decode step
@@ -211,7 +212,68 @@ def run(job: DecodeJob) -> dict[str, Any]:
     result.update(_gather(result, rank, world))
     if job.save_logits and rank == 0:
         torch.save(torch.stack(kept, 1), job.save_logits)  # [batch, steps, vocab]
+    if job.calibrate:
+        del plan, cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        result["calibration"] = calibrate(job, shape, device, world)
+    result["predicted"] = predictions(result)
     return result
+
+
+def calibrate(job: DecodeJob, shape: models.ModelShape, device: torch.device, world: int) -> dict[str, float]:
+    """The cost model's machine figures, measured here: bandwidth and flops (costmodel.measure), the eager floor
+    of one decoder layer under this plan (a 4-layer model of the same head layout, hidden 16 per head: its
+    step is all host issue and collective latency), and one small all-reduce's latency."""
+    from tapml.parallel import costmodel
+
+    out = costmodel.measure(device.type, job.dtype)
+    tiny = models.ModelShape("tiny", 4, 16 * shape.heads, shape.heads, shape.kv_heads, 16,
+                             32 * shape.heads, 256 * world)
+    plan = plans.build(job.plan, tiny, device=device, dtype=DTYPES[job.dtype], placement=job.placement,
+                       form=job.form, kernel=job.kernel)
+    cache = plan.make_cache(capacity=64)
+    ids = models.context_ids(32, tiny.vocab, job.batch).to(device)
+    times = []
+    with torch.no_grad():
+        tok = plan.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        for _ in range(12):
+            _sync(device)
+            t0 = time.perf_counter()
+            tok = plan.model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    out["host_s_per_layer"] = statistics.median(times[2:]) / tiny.layers
+    if world > 1:
+        x = torch.zeros(1024, device=device)
+        lat = []
+        for _ in range(22):
+            _sync(device)
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            _sync(device)
+            lat.append(time.perf_counter() - t0)
+        out["collective_latency_s"] = statistics.median(lat[2:])
+    return out
+
+
+def predictions(result: dict[str, Any]) -> dict[str, Any]:
+    """The analytic model's step for this run: with the device's nominal figures, and (after --calibrate)
+    with the figures measured in the run."""
+    from tapml.parallel import costmodel
+
+    job, s = result["job"], models.ModelShape(**result["shape"])
+    base = costmodel.DEVICES["h200" if job["device"] == "cuda" else "cpu"]
+    kw = dict(batch=job["batch"], devices=result["world"], dtype_bytes=DTYPES[job["dtype"]].itemsize,
+              new_tokens=job["warmup"] + job["steps"], chunk=job["chunk"], form=job["form"])
+    out: dict[str, Any] = {"device": base.name}
+    nominal = costmodel.estimate(job["plan"], s, job["context"], dev=base, **kw)
+    out["nominal"] = nominal.as_dict()
+    if "calibration" in result:
+        cal = costmodel.estimate(job["plan"], s, job["context"], dev=costmodel.calibrated(
+            base, result["calibration"]), **kw)
+        out["calibrated"] = cal.as_dict()
+    return out
 
 
 def _run_generate(job: DecodeJob, plan: plans.Plan, cache: Any, ids: torch.Tensor, result: dict[str, Any],
