@@ -52,6 +52,7 @@ class DecodeJob:
     form: str = "tree"
     kernel: str = "auto"
     shards: int = 1  # single plan only: split the cache into this many shards on the one device
+    capacity: int | None = None  # tokens the cache is sized for (default: context + every step run)
     chunk: int = 2048  # prefill chunk (tokens per forward)
     fill: str = "prefill"  # prefill: the real context; tile: prefill `prefill_max` tokens, repeat their KV
     prefill_max: int = 32768
@@ -61,7 +62,8 @@ class DecodeJob:
     calibrate: bool = False  # measure this machine for the cost model (bandwidth, flops, host and link costs)
     generate: bool = False  # run transformers' generate() over the cache instead of the timing loop
     save_logits: str | None = None
-    die_at: int | None = None  # fault injection for tests: the last rank vanishes at this decode step
+    die_at: int | None = None  # fault injection for tests: the last rank fails at this decode step,
+    die_how: str = "vanish"  # by exiting without a word (vanish) or by stopping to answer (stall)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -133,7 +135,9 @@ def _decode(job: DecodeJob, model: torch.nn.Module, cache: Any, first: torch.Ten
     tokens, times, kept = [first[:, 0].tolist()], [], []
     for step in range(job.warmup + job.steps):
         if job.die_at is not None and step == job.die_at and rank == world - 1:
-            os._exit(0)  # vanish without a word: the others must notice on their own
+            if job.die_how == "stall":  # alive but silent: only the group's timeout can end the others' wait
+                time.sleep(10 * job.timeout_s)
+            os._exit(0)  # vanish with exit 0, so torchrun leaves the others be: they must notice on their own
         _sync(device)
         t0 = time.perf_counter()
         try:
@@ -182,10 +186,11 @@ def run(job: DecodeJob) -> dict[str, Any]:
                        kernel=job.kernel)
     build_s = time.perf_counter() - t0
     ids = models.context_ids(job.context, shape.vocab, job.batch).to(device)
-    extra = job.warmup + job.steps + job.comm_steps
-    cache = plan.make_cache(capacity=job.context + extra, **({"shards": job.shards} if job.shards > 1 else {}))
+    capacity = job.capacity or job.context + job.warmup + job.steps + job.comm_steps
+    cache = plan.make_cache(capacity=capacity, **({"shards": job.shards} if job.shards > 1 else {}))
     result: dict[str, Any] = {"job": asdict(job), "plan": plan.describe(), "world": world,
-                              "shape": asdict(shape), "build_s": build_s}
+                              "shape": asdict(shape), "build_s": build_s,
+                              "params_held": sum(p.numel() for p in plan.model.parameters())}
     with torch.no_grad():
         if job.generate:
             return _run_generate(job, plan, cache, ids, result, rank, world)
