@@ -50,13 +50,12 @@ def plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, -math.inf)
-    top = scores.amax(-1, keepdim=True)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    top = torch.nan_to_num(scores.amax(-1, keepdim=True), neginf=0.0)  # a row with no key: exp(−inf) = 0
     e = torch.exp(scores - top)
     total = e.sum(-1)
-    out = (e @ v.to(acc)) / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    lse = torch.where(total > 0, top.squeeze(-1) + torch.log(total), torch.full_like(total, -math.inf))
-    return out.to(q.dtype), lse
+    # total is 0 (no visible key: out 0, LSE −inf) or ≥ 1 (the max term is exp(0) = 1)
+    out = (e @ v.to(acc)) / total.clamp_min(1).unsqueeze(-1)
+    return out.to(q.dtype), top.squeeze(-1) + torch.log(total)
 
 
 def kernel_for(q: torch.Tensor, kernel: str = "auto") -> str:

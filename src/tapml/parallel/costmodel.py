@@ -31,7 +31,9 @@ class Device:
     collective_latency_s: float  # one small collective (all-reduce of a few KiB)
     bw_efficiency: float = 0.85  # fraction of peak bandwidth streaming reads reach
     host_s_per_layer: float = 2.5e-4  # eager issue time of one decoder layer (Python + kernel launches)
+    host_s_per_step: float = 5e-4  # and of the rest of a step (embedding, masks, rotary tables, LM head)
     overlap: bool = True  # the host runs ahead of the device (GPU streams): step = max(host, device)
+    kv_bytes_per_s: float | None = None  # the attention kernel's KV read rate, when measured apart from GEMV
     calibrated: str = "nominal"
 
 
@@ -53,9 +55,10 @@ def device(name: str) -> Device:
 
 
 def measure(torch_device: str = "cpu", dtype: str = "float32", mib: int | None = None,
-            repeat: int = 5) -> dict[str, float]:
-    """This machine's bandwidth and flops as a decode step sees them: a matrix-vector product over `mib` MiB of
-    weights (1 GiB on a GPU, 64 MiB on the CPU) and a square matmul, best of `repeat` each."""
+            repeat: int = 5, shape: ModelShape | None = None) -> dict[str, float]:
+    """This machine's figures as a decode step sees them, best of `repeat` each: the weights' read rate from a
+    matrix-vector product over `mib` MiB (1 GiB on a GPU, 64 MiB on the CPU), the KV's from `attend` over as
+    many bytes of keys and values, and flops from a square matmul."""
     import torch
 
     dev = torch.device(torch_device)
@@ -82,7 +85,18 @@ def measure(torch_device: str = "cpu", dtype: str = "float32", mib: int | None =
 
     bw = a.numel() * a.element_size() / best(lambda: torch.mv(a, x))
     fl = 2 * m ** 3 / best(lambda: mm @ mm)
-    return {"hbm_bytes_per_s": bw, "flops": fl}
+    a = x = mm = None  # free the probes (a GiB on a GPU) before the next one
+    # the attention kernel's own KV read rate: one new token over `mib` MiB of keys and values, heads laid out
+    # as in `shape` (the kernel's efficiency depends on the head size and the query heads per KV head)
+    from tapml.parallel.attention import attend
+
+    heads, kv_heads, d = (shape.heads, shape.kv_heads, shape.head_dim) if shape else (32, 8, 128)
+    ctx = (mib << 20) // (2 * kv_heads * d * torch.finfo(dt).bits // 8)
+    q = torch.randn(1, heads, 1, d, device=dev).to(dt)
+    k = torch.randn(1, kv_heads, ctx, d, device=dev).to(dt)
+    v = torch.randn(1, kv_heads, ctx, d, device=dev).to(dt)
+    kv = 2 * k.numel() * k.element_size() / best(lambda: attend(q, k, v))
+    return {"hbm_bytes_per_s": bw, "flops": fl, "kv_bytes_per_s": kv}
 
 
 def calibrated(base: Device, measured: dict[str, float]) -> Device:
@@ -181,10 +195,10 @@ def estimate(plan: str, s: ModelShape, context: int, *, batch: int = 1, devices:
     memory = weights * dtype_bytes + kv_hold + work
     flops = 2 * batch * weights + 4 * batch * layers * heads_dev * d * ctx_dev
     bw = dev.hbm_bytes_per_s * dev.bw_efficiency
-    t_mem = (weights * dtype_bytes + kv_read) / bw
+    t_mem = weights * dtype_bytes / bw + kv_read / (dev.kv_bytes_per_s or bw)
     t_comp = flops / dev.flops
     t_comm = count * dev.collective_latency_s + sent / dev.link_bytes_per_s
-    t_host = layers * dev.host_s_per_layer
+    t_host = layers * dev.host_s_per_layer + dev.host_s_per_step
     t_dev = max(t_mem, t_comp) + t_comm
     t_step = max(t_host, t_dev) if dev.overlap else t_host + t_dev
     return PlanCost(plan, n, weights * dtype_bytes, kv_read, dup, count, sent, memory,

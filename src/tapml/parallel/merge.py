@@ -39,12 +39,15 @@ def _acc_dtype(out: torch.Tensor, lse: torch.Tensor) -> torch.dtype:
     return torch.float64 if torch.float64 in (out.dtype, lse.dtype) else torch.float32
 
 
-def _weights(lse: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exp(lse - max), max) with max taken over `dim`; a max of −inf (every shard empty) is read as 0 so
-    that exp(−inf − 0) = 0 instead of exp(−inf + inf) = NaN."""
-    top = lse.amax(dim=dim, keepdim=True)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    return torch.exp(lse - top), top
+def _finite(top: torch.Tensor) -> torch.Tensor:
+    """The max LSE with −inf (no key anywhere) read as 0, so exp(−inf − 0) = 0 instead of NaN."""
+    return torch.nan_to_num(top, neginf=0.0)
+
+
+def _finish(num: torch.Tensor, total: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = num / total, LSE = top + log(total). The shard that holds the max contributes exp(0) = 1 exactly, so
+    total is 0 (no key anywhere: out 0, LSE −inf) or ≥ 1, and max(total, 1) divides without a branch."""
+    return num / total.clamp_min(1).unsqueeze(-1), top + torch.log(total)
 
 
 def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,11 +56,9 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor,
     out = Σ_i exp(lse_i − L)·out_i with L = logsumexp_i(lse_i); where every shard is empty, out = 0, L = −inf."""
     acc = _acc_dtype(outs, lses)
     lse = lses.to(acc)
-    w, top = _weights(lse, 0)
-    total = w.sum(0)
-    num = (w.unsqueeze(-1) * outs.to(acc)).sum(0)
-    out = num / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    merged = torch.where(total > 0, top.squeeze(0) + torch.log(total), torch.full_like(total, -torch.inf))
+    top = _finite(lse.amax(0))
+    w = torch.exp(lse - top)
+    out, merged = _finish((w.unsqueeze(-1) * outs.to(acc)).sum(0), w.sum(0), top)
     return out.to(outs.dtype), merged
 
 
@@ -97,13 +98,11 @@ def merge_tree(out: torch.Tensor, lse: torch.Tensor,
     acc = _acc_dtype(out, lse)
     top = lse.to(acc).clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    w = torch.exp(lse.to(acc) - top)
-    sums = torch.cat([w.unsqueeze(-1) * out.to(acc), w.unsqueeze(-1)], dim=-1).contiguous()
+    top = _finite(top)
+    w = torch.exp(lse.to(acc) - top).unsqueeze(-1)
+    sums = torch.cat([w * out.to(acc), w], dim=-1)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-    total = sums[..., -1]
-    o = sums[..., :-1] / torch.where(total > 0, total, torch.ones_like(total)).unsqueeze(-1)
-    merged = torch.where(total > 0, top + torch.log(total), torch.full_like(total, -torch.inf))
+    o, merged = _finish(sums[..., :-1], sums[..., -1], top)
     return o.to(out.dtype), merged.to(lse.dtype)
 
 

@@ -175,19 +175,22 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def run(job: DecodeJob) -> dict[str, Any]:
-    """Run `job` on this rank; every rank returns the same summary (rank 0 writes it)."""
+def run(job: DecodeJob, plan: plans.Plan | None = None) -> dict[str, Any]:
+    """Run `job` on this rank (over `plan` when one is already built for it: a benchmark's sweep builds the
+    model once); every rank returns the same summary, rank 0 writes it."""
     job.check()
     rank, world, device = init(job)
     shape = models.shape(job.model, job.layers)
     dtype = DTYPES[job.dtype]
     t0 = time.perf_counter()
-    plan = plans.build(job.plan, shape, device=device, dtype=dtype, placement=job.placement, form=job.form,
-                       kernel=job.kernel)
+    if plan is None:
+        plan = plans.build(job.plan, shape, device=device, dtype=dtype, placement=job.placement, form=job.form,
+                           kernel=job.kernel)
     build_s = time.perf_counter() - t0
     ids = models.context_ids(job.context, shape.vocab, job.batch).to(device)
     capacity = job.capacity or job.context + job.warmup + job.steps + job.comm_steps
-    cache = plan.make_cache(capacity=capacity, **({"shards": job.shards} if job.shards > 1 else {}))
+    cache = plan.make_cache(capacity=capacity, placement=job.placement, form=job.form, kernel=job.kernel,
+                            **({"shards": job.shards} if job.shards > 1 else {}))
     result: dict[str, Any] = {"job": asdict(job), "plan": plan.describe(), "world": world,
                               "shape": asdict(shape), "build_s": build_s,
                               "params_held": sum(p.numel() for p in plan.model.parameters())}
@@ -202,14 +205,13 @@ def run(job: DecodeJob) -> dict[str, Any]:
         except (RuntimeError, dist.DistError) as e:
             raise PeerLost(f"rank {rank}: prefill: {_first_line(e)}") from e
         result.update(prefill_s=time.perf_counter() - t0, fill=how)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         tokens, times, kept = _decode(job, plan.model, cache, logits.argmax(-1, keepdim=True), device, rank, world)
         if job.save_logits:
             kept.insert(0, logits.float().cpu())
         median = statistics.median(times)
         last = torch.tensor([tokens[-1]], device=device).T
         comm = _comm_share(job, plan.model, cache, last, device, median)
+    # on a GPU the allocator's peak (prefill's working set included); on the CPU what the plan holds
     held = _bytes_held(plan.model, cache)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else held
     result.update(step_s=times, median_s=median, tokens_per_s=job.batch / median, tokens=tokens,
@@ -227,28 +229,34 @@ def run(job: DecodeJob) -> dict[str, Any]:
 
 
 def calibrate(job: DecodeJob, shape: models.ModelShape, device: torch.device, world: int) -> dict[str, float]:
-    """The cost model's machine figures, measured here: bandwidth and flops (costmodel.measure), the eager floor
-    of one decoder layer under this plan (a 4-layer model of the same head layout, hidden 16 per head: its
-    step is all host issue and collective latency), and one small all-reduce's latency."""
+    """The cost model's machine figures, measured here: read rates and flops (costmodel.measure, with this
+    model's head layout), the eager floor of a step under this plan — per layer and per step, from models of
+    2 and 4 layers with the same head layout and 16 dimensions per head, whose steps are all host issue and
+    collective latency — and one small all-reduce's latency."""
     from tapml.parallel import costmodel
 
-    out = costmodel.measure(device.type, job.dtype)
-    tiny = models.ModelShape("tiny", 4, 16 * shape.heads, shape.heads, shape.kv_heads, 16,
-                             32 * shape.heads, 256 * world)
-    plan = plans.build(job.plan, tiny, device=device, dtype=DTYPES[job.dtype], placement=job.placement,
-                       form=job.form, kernel=job.kernel)
-    cache = plan.make_cache(capacity=64)
-    ids = models.context_ids(32, tiny.vocab, job.batch).to(device)
-    times = []
-    with torch.no_grad():
-        tok = plan.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        for _ in range(12):
-            _sync(device)
-            t0 = time.perf_counter()
-            tok = plan.model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-    out["host_s_per_layer"] = statistics.median(times[2:]) / tiny.layers
+    out = costmodel.measure(device.type, job.dtype, shape=shape)
+    floor = {}
+    for layers in (2, 4):
+        tiny = models.ModelShape("tiny", layers, 16 * shape.heads, shape.heads, shape.kv_heads, 16,
+                                 32 * shape.heads, 256 * world)
+        plan = plans.build(job.plan, tiny, device=device, dtype=DTYPES[job.dtype], placement=job.placement,
+                           form=job.form, kernel=job.kernel)
+        cache = plan.make_cache(capacity=128)
+        ids = models.context_ids(32, tiny.vocab, job.batch).to(device)
+        times = []
+        with torch.no_grad():
+            tok = plan.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]\
+                .argmax(-1)
+            for _ in range(24):
+                _sync(device)
+                t0 = time.perf_counter()
+                tok = plan.model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+        floor[layers] = min(statistics.median(times[i:i + 8]) for i in (0, 8, 16))  # the quietest third
+    out["host_s_per_layer"] = max((floor[4] - floor[2]) / 2, 1e-6)
+    out["host_s_per_step"] = max(floor[2] - 2 * out["host_s_per_layer"], 0.0)
     if world > 1:
         x = torch.zeros(1024, device=device)
         lat = []
