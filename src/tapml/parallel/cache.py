@@ -195,15 +195,14 @@ class ShardedLayer(CacheLayerMixin):
             if len(want) <= n0:
                 continue
             sh.reserve(self._like, len(want))
-            if n0:
-                src_k, src_v = sh.keys, sh.values
-            else:
+            if not n0:
                 b, h, _, d = self._like.shape
-                src_k = torch.randn(b, h, 256, d, generator=g, device=self.device).to(self.dtype)
-                src_v = torch.randn(b, h, 256, d, generator=g, device=self.device).to(self.dtype)
-            while len(sh) < len(want):
-                m = min(src_k.shape[2], len(want) - len(sh))
-                sh.append(src_k[:, :, :m], src_v[:, :, :m], want[len(sh):len(sh) + m])
+                k = torch.randn(b, h, 256, d, generator=g, device=self.device).to(self.dtype)
+                v = torch.randn(b, h, 256, d, generator=g, device=self.device).to(self.dtype)
+                sh.append(k, v, want[:min(256, len(want))])
+            while len(sh) < len(want):  # copy what is held after itself: the shard doubles each time
+                m = min(len(sh), len(want) - len(sh))
+                sh.append(sh.k[:, :, :m], sh.v[:, :, :m], want[len(sh):len(sh) + m])
         self.seen = total
 
     def attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:

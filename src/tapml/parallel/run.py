@@ -187,6 +187,8 @@ def run(job: DecodeJob, plan: plans.Plan | None = None) -> dict[str, Any]:
         plan = plans.build(job.plan, shape, device=device, dtype=dtype, placement=job.placement, form=job.form,
                            kernel=job.kernel)
     build_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier run's in this process
     ids = models.context_ids(job.context, shape.vocab, job.batch).to(device)
     capacity = job.capacity or job.context + job.warmup + job.steps + job.comm_steps
     cache = plan.make_cache(capacity=capacity, placement=job.placement, form=job.form, kernel=job.kernel,
