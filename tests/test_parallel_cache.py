@@ -9,7 +9,7 @@ import torch
 from tapml.compare import compare_tensor
 from tapml.errors import TapmlError
 from tapml.parallel import models, plans, run
-from tapml.parallel.cache import Placement, ShardedKVCache, register
+from tapml.parallel.cache import CACHE_KW, Placement, ShardedKVCache, register
 
 MODEL = "llama3-8b-small"
 GEN = dict(do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=2, temperature=None, top_p=None, top_k=None,
@@ -59,7 +59,7 @@ def test_generate_runs_unchanged_over_a_sharded_cache(reference, shards, placeme
     m = models.build(MODEL)
     m.set_attn_implementation(register())
     cache = ShardedKVCache.for_model(m, shards, placement=placement, capacity=capacity)
-    out = m.generate(input_ids=ids, cache=cache, max_new_tokens=32, min_new_tokens=32, **GEN)
+    out = m.generate(input_ids=ids, **{CACHE_KW: cache}, max_new_tokens=32, min_new_tokens=32, **GEN)
     assert torch.equal(out.sequences, reference[1][torch.float32].sequences)
     _judge(out.logits, reference)
     lengths = cache.all_lengths()
@@ -91,7 +91,7 @@ def test_synthetic_fill_grows_every_shard_to_its_share():
 def test_single_plan_is_the_stock_model(reference):
     ids, res = reference
     p = plans.build("single", models.shape(MODEL))
-    out = p.model.generate(input_ids=ids, cache=p.make_cache(), max_new_tokens=32, min_new_tokens=32, **GEN)
+    out = p.model.generate(input_ids=ids, **{CACHE_KW: p.make_cache()}, max_new_tokens=32, min_new_tokens=32, **GEN)
     assert torch.equal(out.sequences, res[torch.float32].sequences)
 
 
@@ -104,7 +104,7 @@ def test_user_errors_are_one_line():
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     with pytest.raises(TapmlError, match="unpadded"):
-        m(input_ids=ids, attention_mask=mask, cache=ShardedKVCache.for_model(m, 2))
+        m(input_ids=ids, attention_mask=mask, **{CACHE_KW: ShardedKVCache.for_model(m, 2)})
     with pytest.raises(TapmlError, match="capacity"):
         ShardedKVCache(2, 2, placement="contiguous")
     with pytest.raises(TapmlError, match="placement"):

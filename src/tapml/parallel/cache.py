@@ -10,11 +10,13 @@ grow in place, by doubling when no capacity is given).
 from __future__ import annotations
 
 import contextvars
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
@@ -24,6 +26,9 @@ from tapml.parallel.attention import KERNELS, attend
 from tapml.parallel.merge import FORMS, merge, merge_group
 
 NAME = "tapml_sharded"  # the attention implementation models run with over a ShardedKVCache
+# The keyword models and generate() take the cache by: `cache` from transformers ~5.2x (`past_key_values`
+# deprecated there), `past_key_values` before (the GPU machines' 5.17).
+CACHE_KW = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 PLACEMENTS = ("interleaved", "contiguous")
 _ACTIVE: contextvars.ContextVar[ShardedLayer | None] = contextvars.ContextVar("tapml_sharded_layer", default=None)
 
@@ -169,6 +174,8 @@ class ShardedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    get_max_cache_shape = get_max_length  # its name in earlier transformers
+
     def reset(self) -> None:
         self.shards = {s: KVShard() for s in self.shards}
         self.seen, self.keys, self.values, self.is_initialized = 0, None, None, False
@@ -278,8 +285,8 @@ def sharded_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' attention interface over a ShardedKVCache: (out [B, Lq, H, D], no weights)."""
     layer = _ACTIVE.get()
     if layer is None or key is not layer.keys:
-        raise TapmlError(f"attention {NAME!r} runs over a ShardedKVCache: pass past_key_values=ShardedKVCache"
-                         "(...) (and use_cache=True)")
+        raise TapmlError(f"attention {NAME!r} runs over a ShardedKVCache: pass {CACHE_KW}=ShardedKVCache(...) "
+                         "(and use_cache=True)")
     if dropout:
         raise TapmlError("the sharded attention is for inference; call model.eval()")
     return layer.attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5)\

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from tapml.errors import TapmlError
 from tapml.parallel import models, plans
+from tapml.parallel.cache import CACHE_KW
 from tapml.parallel.merge import no_communication
 
 # NVLink multicast (NVLS) and symmetric memory stay off: the plans use plain collectives only.
@@ -112,14 +113,18 @@ def _bytes_held(model: torch.nn.Module, cache: Any) -> int:
     return n
 
 
+def forward(model: torch.nn.Module, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """One forward of `ids` [B, L] over the cache → the last position's logits [B, vocab]."""
+    return model(input_ids=ids, use_cache=True, logits_to_keep=1, **{CACHE_KW: cache}).logits[:, -1]
+
+
 def _prefill(job: DecodeJob, model: torch.nn.Module, cache: Any, ids: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Run the context through the model in chunks; with fill=tile only the first `prefill_max` tokens are
     real and the cache is then filled to the context by repeating them (timing only)."""
     real = ids.shape[1] if job.fill == "prefill" else min(ids.shape[1], job.prefill_max)
     logits = None
     for i in range(0, real, job.chunk):
-        out = model(input_ids=ids[:, i:min(i + job.chunk, real)], cache=cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1]
+        logits = forward(model, ids[:, i:min(i + job.chunk, real)], cache)
     how = "prefill"
     if real < ids.shape[1]:
         cache.fill_synthetic(ids.shape[1])
@@ -141,7 +146,7 @@ def _decode(job: DecodeJob, model: torch.nn.Module, cache: Any, first: torch.Ten
         _sync(device)
         t0 = time.perf_counter()
         try:
-            logits = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1]
+            logits = forward(model, tok, cache)
             tok = logits.argmax(-1, keepdim=True)
             _sync(device)
         except (RuntimeError, dist.DistError) as e:
@@ -163,7 +168,7 @@ def _comm_share(job: DecodeJob, model: torch.nn.Module, cache: Any, tok: torch.T
         for _ in range(job.comm_steps):
             _sync(device)
             t0 = time.perf_counter()
-            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            tok = forward(model, tok, cache).argmax(-1, keepdim=True)
             _sync(device)
             times.append(time.perf_counter() - t0)
     dist.barrier()
@@ -248,12 +253,11 @@ def calibrate(job: DecodeJob, shape: models.ModelShape, device: torch.device, wo
         ids = models.context_ids(32, tiny.vocab, job.batch).to(device)
         times = []
         with torch.no_grad():
-            tok = plan.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]\
-                .argmax(-1)
+            tok = forward(plan.model, ids, cache).argmax(-1, keepdim=True)
             for _ in range(24):
                 _sync(device)
                 t0 = time.perf_counter()
-                tok = plan.model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                tok = forward(plan.model, tok, cache).argmax(-1, keepdim=True)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
         floor[layers] = min(statistics.median(times[i:i + 8]) for i in (0, 8, 16))  # the quietest third
@@ -297,7 +301,7 @@ def _run_generate(job: DecodeJob, plan: plans.Plan, cache: Any, ids: torch.Tenso
     cfg = plan.model.config
     try:
         out = plan.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, max_new_tokens=job.steps,
+            input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KW: cache}, max_new_tokens=job.steps,
             min_new_tokens=job.steps, do_sample=False, num_beams=1, pad_token_id=cfg.pad_token_id,
             eos_token_id=cfg.eos_token_id, temperature=None, top_p=None, top_k=None,
             return_dict_in_generate=True, output_logits=True)
