@@ -122,3 +122,28 @@ def test_user_errors_are_one_line():
     with pytest.raises(TapmlError, match="token count"):
         models.parse_tokens("12q")
     assert models.parse_tokens("128k") == 131072 and models.parse_tokens("1M") == 1 << 20
+
+
+def test_long_context_is_the_shipped_prompts_and_a_carried_tokenizer_gives_the_same(tmp_path, monkeypatch):
+    import shutil
+
+    from tapml.zoo import minilm_dir
+
+    ids = models.context_ids(2000, 4096, batch=2)
+    assert ids.shape == (2, 2000) and not torch.equal(ids[0], ids[1])
+    for f in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / f, tmp_path / f)
+    monkeypatch.setenv("TAPML_TOKENIZER_DIR", str(tmp_path))
+    models._prompt_stream.cache_clear()
+    try:
+        assert torch.equal(models.context_ids(2000, 4096, batch=2), ids)
+    finally:
+        models._prompt_stream.cache_clear()
+
+
+def test_zoo_entries_count_and_build():
+    specs = {s.name: s for s in models.zoo_specs()}
+    assert set(specs) == set(models.names())
+    assert specs["llama3-8b"].count() == models.shape("llama3-8b").params()  # counted without building 8B
+    m = specs[MODEL].build()
+    assert sum(p.numel() for p in m.parameters()) == models.shape(MODEL).params()
