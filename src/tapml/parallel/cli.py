@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,9 @@ def launch(model: str, plan: str, devices: int, args: list[str], *, timeout_s: f
                              "--steps") from None
         if proc.returncode != 0 or not result.exists():
             lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip() and "*****" not in ln]
-            said = [ln for ln in lines if ln.startswith(("tapml", "torch.distributed"))] or lines[-3:]
+            # the workers' own words first (our one-line errors, an exception's last line), torchrun's after
+            said = [ln for ln in lines if ln.startswith("tapml") or re.match(r"^[\w.]*(Error|Exception)\b", ln)
+                    and "ChildFailedError" not in ln] or lines[-3:]
             raise TapmlError(f"plan {plan} failed (exit {proc.returncode}): " + " | ".join(said[-3:]))
         return json.loads(result.read_text())
 
