@@ -88,11 +88,13 @@ def test_synthetic_fill_grows_every_shard_to_its_share():
     assert sum(r["shard_lengths"]) == 300 + 2 and max(r["shard_lengths"]) - min(r["shard_lengths"]) <= 1
 
 
-def test_single_plan_is_the_stock_model(reference):
+@pytest.mark.parametrize("plan", ["single", "tp", "cp", "hybrid"])
+def test_every_plan_on_one_process_is_the_stock_model(reference, plan):
     ids, res = reference
-    p = plans.build("single", models.shape(MODEL))
+    p = plans.build(plan, models.shape(MODEL))
     out = p.model.generate(input_ids=ids, **{CACHE_KW: p.make_cache()}, max_new_tokens=32, min_new_tokens=32, **GEN)
     assert torch.equal(out.sequences, res[torch.float32].sequences)
+    assert p.world == 1 and sum(x.numel() for x in p.model.parameters()) == models.shape(MODEL).params()
 
 
 def test_user_errors_are_one_line():

@@ -161,9 +161,9 @@ def build(plan: str, s: ModelShape, *, group: dist.ProcessGroup | None = None,
     check(plan, s, world)
     model = skeleton(s)
     slices: dict[str, tuple[int, slice]] = {}
-    if plan == "tp":
+    if plan == "tp" and world > 1:  # on one process every plan is the single model
         _shard_attention(model, s, rank, world, group, slices)
-    if plan in ("tp", "hybrid"):
+    if plan in ("tp", "hybrid") and world > 1:
         _shard_mlp(model, s, rank, world, group, slices)
     materialize(model, device=device, dtype=dtype, seed=seed, slices=slices)
     model.set_attn_implementation(kvcache.register())
