@@ -108,6 +108,27 @@ def _infeasible(devices: int, hw: Hardware) -> TapmlError:
                       "devices or memory per device, or a smaller batch")
 
 
+def make_plan(lg: LayerGraph, stages: Sequence[Sequence[int]], replicas: Sequence[int], micro_batch: int,
+              batch: int, hw: Hardware | None = None, method: str = "manual", topology: str = DAG) -> Plan:
+    """A Plan for a partition chosen by hand (stages are put in a topological order of the stage graph)."""
+    hw = hw or Hardware()
+    if sorted(v for s in stages for v in s) != list(range(len(lg))):
+        raise TapmlError("the stages must cover every layer exactly once")
+    if batch % micro_batch:
+        raise TapmlError(f"the micro-batch {micro_batch} must divide the batch {batch}")
+    st = [sorted(s) for s in stages]
+    if topology == DAG:
+        g = stage_graph(lg, st)
+        if not nx.is_directed_acyclic_graph(g):
+            raise TapmlError("these stages depend on each other in a cycle; make each stage convex")
+        order = list(nx.lexicographical_topological_sort(g, key=lambda s: min(st[s])))
+    else:
+        order = list(range(len(st)))
+    est = evaluate(lg, [st[i] for i in order], [replicas[i] for i in order], micro_batch, batch, hw, topology)
+    return Plan(method, topology, [st[i] for i in order], [replicas[i] for i in order], micro_batch, batch, est,
+                0.0, [[lg.layers[i].name for i in st[k]] for k in order])
+
+
 # ----------------------------------------------------------------------------------------------- array algebra
 # Tables are indexed [d, q, p] (GraphPipe) or [d, k] (chains): at most d devices; q stages after this part on the
 # longest path to the sink (it sets the micro-batches in flight, hence memory); at most p (k) stages deep. The
