@@ -24,7 +24,16 @@ from tapml.errors import TapmlError
 from tapml.graphpipe.graph import Program
 from tapml.graphpipe.models import get_model
 from tapml.graphpipe.planner import Plan
-from tapml.graphpipe.runtime import Clock, P2P, PipelineError, StageRunner, run_action, run_local, split_program, wire
+from tapml.graphpipe.runtime import (
+    P2P,
+    Clock,
+    PipelineError,
+    StageRunner,
+    run_action,
+    run_local,
+    split_program,
+    wire,
+)
 from tapml.graphpipe.schedule import Schedule, build
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -131,14 +131,14 @@ def build(plan: Any, lg: LayerGraph, kind: str = ONE_F_ONE_B) -> Schedule:
     ebytes: dict[tuple[int, int], float] = {}
     if plan.topology == CHAIN:
         edges = [(s, s + 1) for s in range(len(plan.stages) - 1)]
-        for (u, v), _w in lg.edges.items():
+        for (u, v) in lg.edges:
             for s in range(owner[u], owner[v]):
                 ebytes[s, s + 1] = ebytes.get((s, s + 1), 0.0) + lg.edge_bytes(u, v, b)
         h = {s: len(plan.stages) - s for s in range(len(plan.stages))}
     else:
         g = stage_graph(lg, plan.stages)
         edges = sorted(g.edges)
-        for (u, v), _w in lg.edges.items():
+        for (u, v) in lg.edges:
             if owner[u] != owner[v]:
                 ebytes[owner[u], owner[v]] = ebytes.get((owner[u], owner[v]), 0.0) + lg.edge_bytes(u, v, b)
         h = depth_to_sink(g)

@@ -18,7 +18,7 @@ import networkx as nx
 from tapml.errors import TapmlError
 from tapml.graphpipe.cost import CHAIN, Hardware
 from tapml.graphpipe.graph import LayerGraph
-from tapml.graphpipe.schedule import B, F, Action, Op, Schedule
+from tapml.graphpipe.schedule import Action, B, F, Op, Schedule
 
 
 class ScheduleError(TapmlError):
@@ -60,7 +60,6 @@ def check_deadlock(s: Schedule) -> None:
     pc = dict.fromkeys(ranks, 0)
     queues: dict[tuple[int, str], deque[Op]] = {}
     blocked: dict[int, Op | None] = dict.fromkeys(ranks, None)
-    done: set[tuple[int, Op]] = set()
     progress = True
     while progress:
         progress = False
@@ -129,7 +128,7 @@ class StageCosts:
         owner = {v: s for s, layers in enumerate(plan.stages) for v in layers}
         act = [sum(lg.act(i, b) for i in layers) for layers in plan.stages]
         if plan.topology == CHAIN:  # what skips a stage is held by it too
-            for (u, v), _w in lg.edges.items():
+            for (u, v) in lg.edges:
                 for s in range(owner[u] + 1, owner[v]):
                     act[s] += lg.edge_bytes(u, v, b)
         return cls([sum(lg.fwd(i, b) for i in layers) for layers in plan.stages],
