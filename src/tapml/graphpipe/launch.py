@@ -316,8 +316,12 @@ def worker(config_path: str) -> int:
         dist.destroy_process_group()
         return 0
     except (TapmlError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"graphpipe rank {rank}: {msg}", file=sys.stderr, flush=True)
+        if os.environ.get("TAPML_GRAPHPIPE_DEBUG"):
+            import traceback
+
+            traceback.print_exc()
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        print(f"graphpipe rank {rank}: {lines[0][:300] if lines else type(e).__name__}", file=sys.stderr, flush=True)
         return 1
 
 
