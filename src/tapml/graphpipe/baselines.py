@@ -18,6 +18,7 @@ from torch import nn
 
 from tapml.errors import TapmlError
 from tapml.graphpipe.graph import Program
+from tapml.graphpipe.runtime import Clock
 from tapml.graphpipe.stages import StageModule
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -82,9 +83,21 @@ def chain_stages(program: Program, stages: list[list[int]]) -> list[ChainStage]:
     return [ChainStage(parts[k], live[k], live[k + 1], dtypes) for k in range(len(stages))]
 
 
+def _timed(fn: Any, kind: str, stage: int, clock: Clock) -> Any:
+    """PipelineStage's forward/backward of one micro-batch, timed like the GraphPipe runtime's actions."""
+
+    def run(chunk: int, *args: Any, **kwargs: Any) -> Any:
+        t0 = clock.now()
+        out = fn(chunk, *args, **kwargs)
+        clock.marks.append((kind, stage, chunk, t0, clock.now()))
+        return out
+
+    return run
+
+
 def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: torch.device, out: Path) -> None:
     """One rank of a chain plan under Schedule1F1B or ScheduleGPipe; writes the same result file as the
-    GraphPipe runtime (without a per-action timeline: the schedule runs its own loop)."""
+    GraphPipe runtime (its timeline from PipelineStage's forward_one_chunk/backward_one_chunk)."""
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -97,6 +110,9 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
                          "(plan with pipedream exact)")
     if len(plan.stages) != world:
         raise TapmlError(f"the chain has {len(plan.stages)} stages; launch it on as many ranks (got {world})")
+    if plan.n_micro < world:
+        raise TapmlError(f"PyTorch's schedules need at least as many micro-batches as stages ({plan.n_micro} < "
+                         f"{world}); use a smaller micro-batch")
     if job.schedule not in SCHEDULES:
         raise TapmlError(f"unknown schedule {job.schedule!r}; choose one of {', '.join(SCHEDULES)}")
     model = build_model(job, dev)
@@ -109,9 +125,12 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
     stage = PipelineStage(mine, rank, world, dev)
     kind = Schedule1F1B if job.schedule == "1f1b" else ScheduleGPipe
     sched = kind(stage, n_microbatches=plan.n_micro, loss_fn=loss_fn)
+    clock = Clock(dev)
+    for kind, name in (("F", "forward_one_chunk"), ("B", "backward_one_chunk")):
+        setattr(stage, name, _timed(getattr(stage, name), kind, rank, clock))
     params = {k.removeprefix("part."): p for k, p in mine.named_parameters()}
     opt = optimizer(job, list(params.values())) if params else None
-    losses, step_s = [], []
+    losses, step_s, records = [], [], []
     for step in range(job.steps):
         inputs, target = batch_for(job, step, dev)
         _fault(cfg, job, rank, step)
@@ -120,6 +139,7 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
             torch.cuda.reset_peak_memory_stats(dev)
         _sync(dev)
         t0 = time.perf_counter()
+        clock.start()
         got: list[torch.Tensor] = []
         if rank == 0 and world == 1:
             sched.step(*inputs, target=target, losses=got)
@@ -131,6 +151,7 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
             sched.step()
         _sync(dev)
         step_s.append(time.perf_counter() - t0)
+        records = [[x.kind, x.stage, x.mb, x.start, x.end] for x in clock.records()]
         losses.append(float(sum(x.detach() for x in got) / plan.n_micro) if got else 0.0)
         if job.dump_grads and step == 0 and params:
             torch.save({k: p.grad.detach().cpu() for k, p in params.items() if p.grad is not None},
@@ -139,4 +160,4 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
             opt.step()
             opt.zero_grad()
     (out / f"{job.label}.rank{rank}.json").write_text(json.dumps(
-        {"losses": losses, "step_s": step_s, "records": [], "peak_bytes": _peak(dev), "stage": rank}))
+        {"losses": losses, "step_s": step_s, "records": records, "peak_bytes": _peak(dev), "stage": rank}))

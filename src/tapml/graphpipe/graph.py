@@ -22,7 +22,7 @@ from torch import fx
 from tapml.errors import TapmlError
 from tapml.graphpipe.stages import StageModule, build_stage
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def layer_key(path: str, depth: int | None = None) -> str:
@@ -97,6 +97,7 @@ class Program:
                 gm.graph.erase_node(n)
         gm.graph.lint()
         self.gm = gm
+        self.example = tuple(inputs)
         self.batch = int(inputs[0].shape[0])
         nodes = list(gm.graph.nodes)
         self.order = {n.name: i for i, n in enumerate(nodes)}
@@ -374,20 +375,37 @@ def _measure(stage: StageModule, args: list[torch.Tensor], device: torch.device,
     return min(fwd), min(bwd), held
 
 
+def _profile_program(p: Program, device: torch.device, reps: int) -> list[tuple[float, float, int]]:
+    params = {t.untyped_storage().data_ptr() for t in [*p.gm.parameters(), *p.gm.buffers()]}
+    stages = [p.stage([i]) for i in range(len(p.layers))]
+    last = {v: i for i, st in enumerate(stages) for v in st.inputs}  # layers are in topological order
+    env = dict(zip(p.inputs, p.example))
+    rows = []
+    for i, st in enumerate(stages):
+        args = [env[v] for v in st.inputs]
+        rows.append(_measure(st, args, device, reps, params))
+        with torch.no_grad():
+            env.update(zip(st.outputs, st.module(*args)))
+        for v in st.inputs:  # only values a later layer reads stay alive (GPU sizes hold one layer's worth)
+            if last[v] == i:
+                del env[v]
+    return rows
+
+
 def profile(programs: tuple[Program, Program], name: str, device: torch.device, reps: int = 5) -> LayerGraph:
     """Each layer of the model measured at the two programs' batch sizes (same model, exported twice)."""
     (p1, p2) = programs
     if [lay.name for lay in p1.layers] != [lay.name for lay in p2.layers]:
         raise TapmlError("the model's layers differ between batch sizes; GraphPipe needs a batch-independent graph")
     runs = []
-    for p, ins in ((p1, p1.example), (p2, p2.example)):  # type: ignore[attr-defined]
-        env = p.values(ins)
-        params = {t.untyped_storage().data_ptr() for t in [*p.gm.parameters(), *p.gm.buffers()]}
-        rows = []
-        for i in range(len(p.layers)):
-            st = p.stage([i])
-            rows.append(_measure(st, [env[v] for v in st.inputs], device, reps, params))
-        runs.append(rows)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":  # as the ranks run (one thread each), and immune to a busy neighbour's cores
+        torch.set_num_threads(1)
+    try:
+        for p in (p1, p2):
+            runs.append(_profile_program(p, device, reps))
+    finally:
+        torch.set_num_threads(threads)
     b1, b2 = p1.batch, p2.batch
     layers = []
     for i, lay in enumerate(p2.layers):
@@ -431,11 +449,9 @@ def layer_graph(name: str, model: torch.nn.Module, make_inputs: Callable[[int], 
     progs = []
     for b in (b1, b2):
         ins = tuple(t.to(dev) for t in make_inputs(b))
-        p = Program(model, ins, depth)
-        p.example = ins  # type: ignore[attr-defined]
-        progs.append(p)
+        progs.append(Program(model, ins, depth))
     p1, p2 = progs
-    shapes = [[list(t.shape), str(t.dtype)] for p in progs for t in p.example]  # type: ignore[attr-defined]
+    shapes = [[list(t.shape), str(t.dtype)] for p in progs for t in p.example]
     key = hashlib.sha256(json.dumps([CACHE_VERSION, name, p1.code_hash, p2.code_hash, shapes, depth,
                                      torch.__version__, device_name(dev)]).encode()).hexdigest()[:24]
     path = cache_root() / f"{key}.json"

@@ -315,7 +315,7 @@ def worker(config_path: str) -> int:
             dist.barrier(group=groups["fwd"])
         dist.destroy_process_group()
         return 0
-    except (TapmlError, RuntimeError) as e:
+    except Exception as e:  # a rank's last word: one line for the launcher to quote (traceback on request)
         if os.environ.get("TAPML_GRAPHPIPE_DEBUG"):
             import traceback
 
@@ -362,7 +362,8 @@ def launch(jobs: list[Job], nprocs: int, device: str = "cpu", out: str | Path | 
     (outdir / "log.txt").write_text(log)
     if proc.returncode != 0:
         reasons = [ln for ln in log.splitlines() if ln.startswith("graphpipe rank")]
-        last = log.strip().splitlines()[-1] if log.strip() else f"exit code {proc.returncode}"
+        errs = [ln for ln in log.splitlines() if "Error:" in ln]
+        last = errs[-1].strip() if errs else f"exit code {proc.returncode}"
         raise TapmlError(f"training failed: {'; '.join(reasons) or last} (log: {outdir / 'log.txt'})")
     results = {}
     for j in jobs:

@@ -170,13 +170,14 @@ def _tau(g: _Aggs, b: int, m: int, D: int, hw: Hardware, max_r: int | None = Non
     """[set, r, q] τ of each set as one stage with exactly r replicas and q stages after it; INF over memory."""
     compute, act = g.ca + g.cc * b, g.aa + g.ac * b
     v = np.full((len(compute), D + 1, D + 1), INF)
+    state = (g.params * hw.state_factor)[:, None]
     for r in range(1, min(D, m, max_r or D) + 1):
         t = (compute + 2 * (g.cross * b / hw.bandwidth + g.msgs * hw.latency)) / r
         if r > 1:
             t = t + (2 * (r - 1) / r * g.params / hw.bandwidth + 2 * (r - 1) * hw.latency) / m
-        for q in range(D + 1):
-            ok = g.params * hw.state_factor + math.ceil(min(m, q + 1) / r) * act <= hw.memory
-            v[:, r, q] = np.where(ok, t, INF)
+        inflight = np.array([math.ceil(min(m, q + 1) / r) for q in range(D + 1)], dtype=float)
+        ok = state + inflight[None, :] * act[:, None] <= hw.memory
+        v[:, r, :] = np.where(ok, t[:, None], INF)
     return v
 
 
@@ -215,6 +216,15 @@ def _monotone(a: np.ndarray, axes: Sequence[int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- GraphPipe
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    b: int  # micro-batch
+    m: int  # micro-batches
+    D: int  # devices
+    hw: Hardware
+    max_r: int | None  # replicas per stage allowed (None: up to D)
 
 
 class _Node:
@@ -272,16 +282,17 @@ def _prepare(t: SPTree, lg: LayerGraph, max_series: int) -> _Node:
     return node
 
 
-def _solve(x: _Node, b: int, m: int, D: int, hw: Hardware, sh: _Shifts) -> None:
+def _solve(x: _Node, c: _Ctx, sh: _Shifts) -> None:
+    b, m, D, hw = c.b, c.m, c.D, c.hw
     n = D + 1
-    x.raw_unit = _tau(x.agg, b, m, D, hw)[0]
+    x.raw_unit = _tau(x.agg, b, m, D, hw, c.max_r)[0]
     unit = x.unit_table()
     if x.kind == LEAF:
         x.table = np.repeat(unit[:, :, None], n, axis=2)
         x.table[:, :, 0] = INF
         return
-    for c in x.children:
-        _solve(c, b, m, D, hw, sh)
+    for kid in x.children:
+        _solve(kid, c, sh)
     if x.kind == PARALLEL:  # the branches on disjoint devices, or together as one stage
         left, right = x.children
         x.table = np.maximum(left.table[:, None], sh.by_dev(right.table)).min(axis=0)
@@ -295,7 +306,7 @@ def _solve(x: _Node, b: int, m: int, D: int, hw: Hardware, sh: _Shifts) -> None:
     for i in range(k - 1, -1, -1):
         best = np.full((n, n, n), INF)
         # Children i..j as one stage, the rest after it: [j, d1, q, p2] against [j, d1, d, q, p2].
-        u = sh.q_plus_p(np.minimum.accumulate(_tau(x.ranges[i], b, m, D, hw), axis=1))
+        u = sh.q_plus_p(np.minimum.accumulate(_tau(x.ranges[i], b, m, D, hw, c.max_r), axis=1))
         cand = np.maximum(u[:, :, None], shifted[i + 1:]).min(axis=(0, 1))
         best[:, :, 1:] = cand[:, :, :D]
         if kids[i].kind != LEAF:  # child i planned on its own (p - p2 deep), the rest after it (p2 deep)
@@ -312,8 +323,7 @@ def _solve(x: _Node, b: int, m: int, D: int, hw: Hardware, sh: _Shifts) -> None:
     x.table = suffix[0]
 
 
-def _rebuild(x: _Node, d: int, q: int, p: int, b: int, m: int, D: int, hw: Hardware,
-             out: list[tuple[tuple[int, ...], int]]) -> None:
+def _rebuild(x: _Node, d: int, q: int, p: int, c: _Ctx, out: list[tuple[tuple[int, ...], int]]) -> None:
     """Append (layers, replicas) of each stage of x's best plan at [d, q, p]."""
     v = x.table[d, q, p]
     if x.kind == LEAF or (x.kind == PARALLEL and x.unit_table()[d, q] == v):
@@ -321,21 +331,21 @@ def _rebuild(x: _Node, d: int, q: int, p: int, b: int, m: int, D: int, hw: Hardw
     elif x.kind == PARALLEL:
         left, right = x.children
         d1 = next(d1 for d1 in range(d + 1) if max(left.table[d1, q, p], right.table[d - d1, q, p]) == v)
-        _rebuild(left, d1, q, p, b, m, D, hw, out)
-        _rebuild(right, d - d1, q, p, b, m, D, hw, out)
+        _rebuild(left, d1, q, p, c, out)
+        _rebuild(right, d - d1, q, p, c, out)
     else:
-        _rebuild_series(x, 0, d, q, p, b, m, D, hw, out)
+        _rebuild_series(x, 0, d, q, p, c, out)
 
 
-def _rebuild_series(x: _Node, i: int, d: int, q: int, p: int, b: int, m: int, D: int, hw: Hardware,
+def _rebuild_series(x: _Node, i: int, d: int, q: int, p: int, c: _Ctx,
                     out: list[tuple[tuple[int, ...], int]]) -> None:
-    kids = x.children
+    kids, D = x.children, c.D
     if i == len(kids):
         return
     suffix, v = x.suffix, x.suffix[i][d, q, p]  # type: ignore[attr-defined]
     raw = x.raw[i]  # type: ignore[attr-defined]
     dd, pp = next((a, c) for a in range(d + 1) for c in range(p + 1) if raw[a, q, c] == v)
-    rows = _tau(x.ranges[i], b, m, D, hw)
+    rows = _tau(x.ranges[i], c.b, c.m, D, c.hw, c.max_r)
     for jj in range(len(rows)):
         u = np.minimum.accumulate(rows[jj], axis=0)
         p2 = pp - 1
@@ -343,13 +353,13 @@ def _rebuild_series(x: _Node, i: int, d: int, q: int, p: int, b: int, m: int, D:
             if p2 >= 0 and q + p2 <= D and max(u[d1, q + p2], suffix[i + jj + 1][dd - d1, q, p2]) == v:
                 out.append((tuple(n for c in kids[i:i + jj + 1] for n in c.nodes),
                             _best_r(rows[jj], d1, q + p2, u[d1, q + p2])))
-                _rebuild_series(x, i + jj + 1, dd - d1, q, p2, b, m, D, hw, out)
+                _rebuild_series(x, i + jj + 1, dd - d1, q, p2, c, out)
                 return
     for p2 in range(pp):
         for d1 in range(dd + 1):
             if q + p2 <= D and max(kids[i].table[d1, q + p2, pp - p2], suffix[i + 1][dd - d1, q, p2]) == v:
-                _rebuild(kids[i], d1, q + p2, pp - p2, b, m, D, hw, out)
-                _rebuild_series(x, i + 1, dd - d1, q, p2, b, m, D, hw, out)
+                _rebuild(kids[i], d1, q + p2, pp - p2, c, out)
+                _rebuild_series(x, i + 1, dd - d1, q, p2, c, out)
                 return
     raise AssertionError("series choice not found")
 
@@ -378,19 +388,26 @@ def search_space(lg: LayerGraph, devices: int, max_series: int | None = None) ->
 
 
 def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None = None,
-                   micro: Sequence[int] | None = None, max_series: int | None = None) -> Plan:
+                   micro: Sequence[int] | None = None, max_series: int | None = None, chain: bool = True,
+                   replicate: bool = True) -> Plan:
     """GraphPipe: the best stage DAG whose stages are units of the series-parallel tree, with replicas per
-    stage and the micro-batch, for the predicted step (M + P − 1)·τ; exact over `search_space`. Series longer
-    than `max_series` children (default max(16, 2·devices)) are first cut into balanced blocks."""
+    stage and the micro-batch, for the predicted step (M + P − 1)·τ; exact over `search_space` (series longer
+    than `max_series` children, default max(16, 2·devices), are first cut into balanced blocks).
+
+    With `chain`, the PipeDream-style chain of the same topological order is a candidate too, run as a DAG
+    (each stage sends straight to its consumers, nothing relayed): a cut across parallel branches is outside
+    the series-parallel units, and the better of the two is returned, so GraphPipe never predicts worse than
+    the sequential plan. `replicate=False`: one device per stage (the stage graph alone)."""
     hw = hw or Hardware()
     _check(lg, devices, batch)
     t0 = time.perf_counter()
     D, sh = devices, _Shifts(devices)
+    max_r = None if replicate else 1
     tree = _tree(lg, devices, max_series)
     best: tuple[float, int, int] | None = None
     for b in micro or micro_batches(batch):
         m = batch // b
-        _solve(tree, b, m, D, hw, sh)
+        _solve(tree, _Ctx(b, m, D, hw, max_r), sh)
         for p in range(1, D + 1):
             c = (m + p - 1) * tree.table[D, 0, p]
             if c < INF and (best is None or c < best[0]):
@@ -398,14 +415,50 @@ def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None
     if best is None:
         raise _infeasible(devices, hw)
     cost, b, p = best
-    _solve(tree, b, batch // b, D, hw, sh)
+    ctx = _Ctx(b, batch // b, D, hw, max_r)
+    _solve(tree, ctx, sh)
     units: list[tuple[tuple[int, ...], int]] = []
-    _rebuild(tree, D, 0, p, b, batch // b, D, hw, units)
+    _rebuild(tree, D, 0, p, ctx, units)
     stages = [sorted(u) for u, _ in units]
     g = stage_graph(lg, stages)
     order = list(nx.lexicographical_topological_sort(g, key=lambda s: min(stages[s])))
-    return _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch, hw,
-                   t0, cost)
+    out = _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch, hw,
+                  t0, cost)
+    if chain:
+        coarse, groups = _coarsen_order(lg, max(64, 4 * devices))
+        seq = plan_pipedream(coarse, devices, batch, hw, micro, replicate=replicate)
+        stages = [[v for g in st for v in groups[g]] for st in seq.stages]
+        alt = make_plan(lg, stages, seq.replicas, seq.micro_batch, batch, hw, "graphpipe", DAG)
+        if alt.estimate.step_s < out.estimate.step_s:
+            out = alt
+        out.search_s = time.perf_counter() - t0
+    return out
+
+
+def _coarsen_order(lg: LayerGraph, k: int) -> tuple[LayerGraph, list[list[int]]]:
+    """The topological order cut into at most k consecutive blocks of balanced work, as a LayerGraph of blocks
+    (the identity when the graph has at most k layers)."""
+    from tapml.graphpipe.graph import LayerCost
+
+    n = len(lg)
+    if n <= k:
+        return lg, [[i] for i in range(n)]
+    work = np.cumsum([x.fwd[0] + x.bwd[0] + (x.fwd[1] + x.bwd[1]) * 8 + 1e-12 for x in lg.layers])
+    cuts = sorted({int(np.searchsorted(work, work[-1] * i / k)) + 1 for i in range(1, k)} - {0, n})
+    bounds = [0, *cuts, n]
+    groups = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
+    of = {v: g for g, vs in enumerate(groups) for v in vs}
+    layers = []
+    for vs in groups:
+        xs = [lg.layers[v] for v in vs]
+        layers.append(LayerCost("+".join(x.name for x in xs), (sum(x.fwd[0] for x in xs), sum(x.fwd[1] for x in xs)),
+                                (sum(x.bwd[0] for x in xs), sum(x.bwd[1] for x in xs)),
+                                (sum(x.act[0] for x in xs), sum(x.act[1] for x in xs)), sum(x.params for x in xs)))
+    edges: dict[tuple[int, int], float] = {}
+    for (u, v), w in lg.edges.items():
+        if of[u] != of[v]:
+            edges[of[u], of[v]] = edges.get((of[u], of[v]), 0.0) + w
+    return LayerGraph(lg.model, lg.device, layers, edges, of[lg.output]), groups
 
 
 # ----------------------------------------------------------------------------------------------- chains
