@@ -412,26 +412,32 @@ def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None
             c = (m + p - 1) * tree.table[D, 0, p]
             if c < INF and (best is None or c < best[0]):
                 best = (c, b, p)
-    if best is None:
-        raise _infeasible(devices, hw)
-    cost, b, p = best
-    ctx = _Ctx(b, batch // b, D, hw, max_r)
-    _solve(tree, ctx, sh)
-    units: list[tuple[tuple[int, ...], int]] = []
-    _rebuild(tree, D, 0, p, ctx, units)
-    stages = [sorted(u) for u, _ in units]
-    g = stage_graph(lg, stages)
-    order = list(nx.lexicographical_topological_sort(g, key=lambda s: min(stages[s])))
-    out = _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch, hw,
-                  t0, cost)
+    out = None
+    if best is not None:
+        cost, b, p = best
+        ctx = _Ctx(b, batch // b, D, hw, max_r)
+        _solve(tree, ctx, sh)
+        units: list[tuple[tuple[int, ...], int]] = []
+        _rebuild(tree, D, 0, p, ctx, units)
+        stages = [sorted(u) for u, _ in units]
+        g = stage_graph(lg, stages)
+        order = list(nx.lexicographical_topological_sort(g, key=lambda s: min(stages[s])))
+        out = _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch, hw,
+                      t0, cost)
     if chain:
         coarse, groups = _coarsen_order(lg, max(64, 4 * devices))
-        seq = plan_pipedream(coarse, devices, batch, hw, micro, replicate=replicate)
-        stages = [[v for g in st for v in groups[g]] for st in seq.stages]
-        alt = make_plan(lg, stages, seq.replicas, seq.micro_batch, batch, hw, "graphpipe", DAG)
-        if alt.estimate.step_s < out.estimate.step_s:
-            out = alt
-        out.search_s = time.perf_counter() - t0
+        try:
+            seq = plan_pipedream(coarse, devices, batch, hw, micro, replicate=replicate)
+        except TapmlError:
+            seq = None
+        if seq is not None:
+            stages = [[v for g in st for v in groups[g]] for st in seq.stages]
+            alt = make_plan(lg, stages, seq.replicas, seq.micro_batch, batch, hw, "graphpipe", DAG)
+            if alt.estimate.feasible and (out is None or alt.estimate.step_s < out.estimate.step_s):
+                out = alt
+    if out is None:
+        raise _infeasible(devices, hw)
+    out.search_s = time.perf_counter() - t0
     return out
 
 
