@@ -144,6 +144,23 @@ def test_graphpipe_on_ten_nodes_equals_brute_force():
         assert agree(planned(plan_graphpipe, lg, 3, 4, hw, chain=False), want)
 
 
+def ideal_chains(ideals: list[int], n: int, most: int) -> list[list[list[int]]]:
+    """Every chain ∅ ⊂ I1 ⊂ … ⊂ all of at most `most` steps, as the stages (set differences) it makes."""
+    full, out = (1 << n) - 1, []
+
+    def grow(ch):
+        if ch[-1] == full:
+            out.append([[v for v in range(n) if (j >> v) & 1 and not (i >> v) & 1] for i, j in itertools.pairwise(ch)])
+            return
+        if len(ch) <= most:
+            for j in ideals:
+                if j & ch[-1] == ch[-1] and j != ch[-1]:
+                    grow([*ch, j])
+
+    grow([0])
+    return out
+
+
 def test_chain_planners_equal_brute_force():
     rng = random.Random(2)
     for _ in range(80):
@@ -154,20 +171,7 @@ def test_chain_planners_equal_brute_force():
         contiguous = [[list(range(a, b)) for a, b in itertools.pairwise([0, *cut, n])]
                       for k in range(1, D + 1) for cut in itertools.combinations(range(1, n), k - 1)]
         assert agree(planned(plan_pipedream, lg, D, B, hw), best_of(lg, D, B, hw, contiguous, CHAIN))
-        ideals, full = _ideals(lg, 10**6), (1 << n) - 1
-        chains = []
-
-        def grow(ch, ideals=ideals, full=full, chains=chains):
-            if ch[-1] == full:
-                chains.append([[v for v in range(n) if (j >> v) & 1 and not (i >> v) & 1]
-                               for i, j in itertools.pairwise(ch)])
-                return
-            if len(ch) <= D:
-                for j in ideals:
-                    if j & ch[-1] == ch[-1] and j != ch[-1]:
-                        grow([*ch, j])
-
-        grow([0])
+        chains = ideal_chains(_ideals(lg, 10**6), n, D)
         assert agree(planned(plan_piper, lg, D, B, hw), best_of(lg, D, B, hw, chains, CHAIN))
         exact = [c for c in contiguous if len(c) == D]
         want = math.inf

@@ -46,8 +46,20 @@ def hardware(device: str, optimizer: str = "adam", memory_gb: float | None = Non
                     latency=latency_us * 1e-6 if latency_us else base.latency, state_factor=STATE[optimizer])
 
 
+def check(devices: int, steps: int | None = None, batch: int | None = None) -> None:
+    """The numbers a run needs, checked before any model is built."""
+    if devices < 1:
+        raise TapmlError(f"--devices must be ≥ 1 (got {devices})")
+    if steps is not None and steps < 1:
+        raise TapmlError(f"--steps must be ≥ 1 (got {steps})")
+    if batch is not None and batch < 1:
+        raise TapmlError(f"--batch must be ≥ 1 (got {batch})")
+
+
 def default_batch(name: str, size: str) -> int:
-    return get_model(name).batch_size[size]
+    spec = get_model(name)
+    spec.config(size)  # an unknown size is a one-line error here
+    return spec.batch_size[size]
 
 
 def profile(name: str, size: str = "tiny", device: str = "cpu", batch: int | None = None,
@@ -155,8 +167,7 @@ def train(name: str, devices: int, steps: int, size: str = "tiny", device: str =
           dtype: str = "float32", lr: float = 1e-3, optimizer: str = "adam", hw: Hardware | None = None,
           out: Path | None = None, timeout_s: float = 120.0) -> tuple[Run, LayerGraph]:
     """Profile, plan with GraphPipe and train on `devices` ranks under torchrun."""
-    if steps < 1:
-        raise TapmlError(f"--steps must be ≥ 1 (got {steps})")
+    check(devices, steps, batch)
     batch = batch or default_batch(name, size)
     hw = hw or hardware(device, optimizer)
     lg = profile(name, size, device, batch, dtype)
@@ -173,6 +184,7 @@ def bench(name: str, devices: int, steps: int = 6, size: str = "tiny", device: s
           timeout_s: float = 120.0) -> tuple[list[Run], LayerGraph]:
     """GraphPipe's plan against the PipeDream-style chain run by torch.distributed.pipelining's 1F1B and
     GPipe, in one launch, with equal ranks, global batch and micro-batch."""
+    check(devices, steps, batch)
     batch = batch or default_batch(name, size)
     hw = hw or hardware(device, optimizer)
     lg = profile(name, size, device, batch, dtype)

@@ -57,6 +57,7 @@ def plan_cmd(model: str = MODEL, devices: int = DEVICES, size: str = SIZE, devic
     """Profile MODEL, plan it with GraphPipe, PipeDream and Piper; print and draw the stage DAG and schedule."""
     from tapml.graphpipe import api
 
+    api.check(devices, batch=batch)
     folder = _out_dir(out_dir)
     hw = api.hardware(device, optimizer, memory_gb, bandwidth_gbs, latency_us)
     b = batch or api.default_batch(model, size)
@@ -136,20 +137,24 @@ def render_bench(runs: list) -> Table:
 
 
 def main() -> None:
+    """Run the sub-app alone (tapml's own main does the same for the mounted app)."""
+    import importlib
+
+    usage: tuple[type, ...] = ()
+    for name in ("typer._click.exceptions", "click.exceptions"):  # typer ≥ 0.20 vendors its own click
+        try:
+            usage += (importlib.import_module(name).ClickException,)
+        except ImportError:
+            continue
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="tapml graphpipe")
     except TapmlError as e:
         print(f"tapml: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            print(f"tapml: error: {e.format_message()}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    except usage as e:
+        print(f"tapml: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

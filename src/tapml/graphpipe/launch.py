@@ -247,8 +247,11 @@ def run_job_rank(cfg: dict[str, Any], job: Job, rank: int, world: int, dev: torc
     acts = split_program(sched, rank)
     for step in range(job.steps):
         inputs, target = batch_for(job, step, dev)
-        _fault(cfg, job, rank, step)
-        dist.barrier(group=groups["fwd"])
+        try:
+            dist.barrier(group=groups["fwd"])
+        except RuntimeError as e:
+            raise PipelineError(f"the start of step {step} failed ({str(e).strip()[:120]}); a rank died or "
+                                "stopped answering — see the other ranks' lines") from None
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         _sync(dev)
@@ -256,6 +259,7 @@ def run_job_rank(cfg: dict[str, Any], job: Job, rank: int, world: int, dev: torc
         clock.start()
         for r in runners.values():
             r.loss_sum = 0.0
+        _fault(cfg, job, rank, step)
         for ops in acts:
             run_action(sched, rank, ops, runners, transport, inputs, target, plan.micro_batch, clock)
         transport.flush()
@@ -321,7 +325,7 @@ def worker(config_path: str) -> int:
 
             traceback.print_exc()
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        print(f"graphpipe rank {rank}: {lines[0][:300] if lines else type(e).__name__}", file=sys.stderr, flush=True)
+        print(f"graphpipe rank {rank}: {lines[0][:400] if lines else type(e).__name__}", file=sys.stderr, flush=True)
         return 1
 
 

@@ -189,7 +189,7 @@ class P2P:
 
 def _first(e: BaseException) -> str:
     s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__
+    return s[0][:100] if s else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------- execution
