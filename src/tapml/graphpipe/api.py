@@ -181,9 +181,10 @@ def train(name: str, devices: int, steps: int, size: str = "tiny", device: str =
 def bench(name: str, devices: int, steps: int = 6, size: str = "tiny", device: str = "cpu",
           batch: int | None = None, dtype: str = "float32", lr: float = 1e-3, optimizer: str = "adam",
           hw: Hardware | None = None, out: Path | None = None, micro: int | None = None,
-          timeout_s: float = 120.0) -> tuple[list[Run], LayerGraph]:
+          timeout_s: float = 120.0, with_dag: bool = True) -> tuple[list[Run], LayerGraph]:
     """GraphPipe's plan against the PipeDream-style chain run by torch.distributed.pipelining's 1F1B and
-    GPipe, in one launch, with equal ranks, global batch and micro-batch."""
+    GPipe, in one launch, with equal ranks, global batch and micro-batch. `with_dag`: also GraphPipe limited
+    to one device per stage (the stage graph's own effect, without replicas), when that plan differs."""
     check(devices, steps, batch)
     batch = batch or default_batch(name, size)
     hw = hw or hardware(device, optimizer)
@@ -196,13 +197,18 @@ def bench(name: str, devices: int, steps: int = 6, size: str = "tiny", device: s
     if batch % micro:
         raise TapmlError(f"--micro-batch {micro} must divide the batch {batch}")
     gp = plan_graphpipe(lg, devices, batch, hw, [micro])
+    dag = plan_graphpipe(lg, devices, batch, hw, [micro], replicate=False)
     chain = plan_pipedream(lg, devices, batch, hw, [micro], exact=True)
+    plans = [gp, dag, chain, chain]
     jobs = [make_job("graphpipe", name, gp, size, dtype, steps, lr, optimizer, ONE_F_ONE_B, "graphpipe"),
+            make_job("graphpipe-1dev", name, dag, size, dtype, steps, lr, optimizer, ONE_F_ONE_B, "graphpipe"),
             make_job("1f1b", name, chain, size, dtype, steps, lr, optimizer, ONE_F_ONE_B, "pipelining"),
             make_job("gpipe", name, chain, size, dtype, steps, lr, optimizer, GPIPE, "pipelining")]
+    if not with_dag or (dag.stages, dag.replicas) == (gp.stages, gp.replicas):
+        del plans[1], jobs[1]
     res = launch(jobs, devices, device, out, timeout_s=timeout_s)
     runs = []
-    for j, p in zip(jobs, (gp, chain, chain)):
+    for j, p in zip(jobs, plans):
         sim = simulate(build(p, lg, j.schedule), StageCosts.of(p, lg), hw)
         runs.append(Run(j.label, p, j.schedule, res[j.label], sim))
     return runs, lg
@@ -212,8 +218,16 @@ def time_sliced(name: str, p: Plan, lg: LayerGraph, size: str, device: str, dtyp
                 hw: Hardware | None = None) -> tuple[float, float, Result]:
     """The plan's schedule run on ONE device, every stage in turn (the simulator's start order): (predicted
     seconds of all its actions back to back, measured median step seconds, the result)."""
+    import torch
+
     job = Job("sliced", name, p.to_json(), size=size, dtype=dtype, steps=steps)
-    res = train_local(job, device, order="simulated")
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # as profiled
+    try:
+        res = train_local(job, device, order="simulated")
+    finally:
+        torch.set_num_threads(threads)
     sched = build(p, lg, ONE_F_ONE_B)
     costs = StageCosts.of(p, lg)
     predicted = sum(costs.fwd[a.stage] if a.kind == "F" else costs.bwd[a.stage]

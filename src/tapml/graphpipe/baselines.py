@@ -119,7 +119,9 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
     prog = program_for(job, model, dev)
     mods = chain_stages(prog, prog.stage_layers)  # type: ignore[attr-defined]
     mine = mods[rank].to(dev)
-    del model, mods
+    del model, mods, prog  # the stage keeps its own parameters; the rest of the model goes
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     loss_fn = get_model(job.model).loss
     # Shapes are inferred from the first micro-batch (PipelineStage's dynamic mode), requires_grad included.
     stage = PipelineStage(mine, rank, world, dev)

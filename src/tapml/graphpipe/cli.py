@@ -110,7 +110,8 @@ def bench_cmd(model: str = MODEL, devices: int = DEVICES, steps: int = typer.Opt
               size: str = SIZE, device: str = DEVICE, batch: int | None = BATCH, dtype: str = DTYPE,
               optimizer: str = OPT, micro: int | None = MICRO, memory_gb: float | None = MEM,
               bandwidth_gbs: float | None = BW, latency_us: float | None = LAT, out_dir: Path = OUT) -> None:
-    """GraphPipe against 1F1B and GPipe (torch.distributed.pipelining) in one launch."""
+    """GraphPipe (and GraphPipe with one device per stage) against 1F1B and GPipe (torch.distributed.pipelining)
+    in one launch."""
     from tapml.graphpipe import api
 
     folder = _out_dir(out_dir)

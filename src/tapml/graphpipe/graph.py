@@ -7,6 +7,7 @@ It must not plan or run pipelines: the planner reads a LayerGraph, the runtime b
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import networkx as nx
+import numpy as np
 import torch
 from torch import fx
 
@@ -303,6 +305,29 @@ class LayerGraph:
     def edge_bytes(self, u: int, v: int, b: float) -> float:
         return self.edges.get((u, v), 0.0) * b
 
+    def coarsen_order(self, k: int) -> tuple[LayerGraph, list[list[int]]]:
+        """The topological order cut into at most k consecutive blocks of balanced work (each block convex), as a
+        LayerGraph of blocks; itself when it has at most k layers."""
+        n = len(self)
+        if n <= k:
+            return self, [[i] for i in range(n)]
+        work = np.cumsum([x.fwd[0] + x.bwd[0] + (x.fwd[1] + x.bwd[1]) * 8 + 1e-12 for x in self.layers])
+        cuts = sorted({int(np.searchsorted(work, work[-1] * i / k)) + 1 for i in range(1, k)} - {0, n})
+        groups = [list(range(a, b)) for a, b in itertools.pairwise([0, *cuts, n])]
+        of = {v: g for g, vs in enumerate(groups) for v in vs}
+        layers = []
+        for vs in groups:
+            xs = [self.layers[v] for v in vs]
+            layers.append(LayerCost("+".join(x.name for x in xs),
+                                    (sum(x.fwd[0] for x in xs), sum(x.fwd[1] for x in xs)),
+                                    (sum(x.bwd[0] for x in xs), sum(x.bwd[1] for x in xs)),
+                                    (sum(x.act[0] for x in xs), sum(x.act[1] for x in xs)), sum(x.params for x in xs)))
+        edges: dict[tuple[int, int], float] = {}
+        for (u, v), w in self.edges.items():
+            if of[u] != of[v]:
+                edges[of[u], of[v]] = edges.get((of[u], of[v]), 0.0) + w
+        return LayerGraph(self.model, self.device, layers, edges, of[self.output]), groups
+
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "device": self.device, "output": self.output,
                 "layers": [asdict(x) for x in self.layers],
@@ -433,7 +458,9 @@ def cache_root() -> Path:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return f"cpu:{torch.get_num_threads()}threads"
+    import platform
+
+    return f"cpu:{platform.machine()}:{platform.processor() or '?'}:1thread"  # profiles run on one thread
 
 
 def layer_graph(name: str, model: torch.nn.Module, make_inputs: Callable[[int], tuple[torch.Tensor, ...]],

@@ -231,7 +231,9 @@ def run_job_rank(cfg: dict[str, Any], job: Job, rank: int, world: int, dev: torc
     if stage is not None:
         w = wire(prog, prog.stage_layers, sched.edges, only={stage})  # type: ignore[attr-defined]
         runners = {stage: StageRunner(stage, w[stage], prog, plan.n_micro, get_model(job.model).loss, dev)}
-    del model
+    del model, prog  # the stage module keeps its own parameters; the rest of the model goes
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
     params = runners[stage].w.module.parameters() if runners else {}
     opt = optimizer(job, list(params.values())) if params else None
 

@@ -425,7 +425,7 @@ def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None
         out = _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch, hw,
                       t0, cost)
     if chain:
-        coarse, groups = _coarsen_order(lg, max(64, 4 * devices))
+        coarse, groups = lg.coarsen_order(max(64, 4 * devices))
         try:
             seq = plan_pipedream(coarse, devices, batch, hw, micro, replicate=replicate)
         except TapmlError:
@@ -441,37 +441,11 @@ def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None
     return out
 
 
-def _coarsen_order(lg: LayerGraph, k: int) -> tuple[LayerGraph, list[list[int]]]:
-    """The topological order cut into at most k consecutive blocks of balanced work, as a LayerGraph of blocks
-    (the identity when the graph has at most k layers)."""
-    from tapml.graphpipe.graph import LayerCost
-
-    n = len(lg)
-    if n <= k:
-        return lg, [[i] for i in range(n)]
-    work = np.cumsum([x.fwd[0] + x.bwd[0] + (x.fwd[1] + x.bwd[1]) * 8 + 1e-12 for x in lg.layers])
-    cuts = sorted({int(np.searchsorted(work, work[-1] * i / k)) + 1 for i in range(1, k)} - {0, n})
-    bounds = [0, *cuts, n]
-    groups = [list(range(a, b)) for a, b in itertools.pairwise(bounds)]
-    of = {v: g for g, vs in enumerate(groups) for v in vs}
-    layers = []
-    for vs in groups:
-        xs = [lg.layers[v] for v in vs]
-        layers.append(LayerCost("+".join(x.name for x in xs), (sum(x.fwd[0] for x in xs), sum(x.fwd[1] for x in xs)),
-                                (sum(x.bwd[0] for x in xs), sum(x.bwd[1] for x in xs)),
-                                (sum(x.act[0] for x in xs), sum(x.act[1] for x in xs)), sum(x.params for x in xs)))
-    edges: dict[tuple[int, int], float] = {}
-    for (u, v), w in lg.edges.items():
-        if of[u] != of[v]:
-            edges[of[u], of[v]] = edges.get((of[u], of[v]), 0.0) + w
-    return LayerGraph(lg.model, lg.device, layers, edges, of[lg.output]), groups
-
-
 # ----------------------------------------------------------------------------------------------- chains
 
 
 def _chain_dp(first: list[_Aggs], nxt: list[np.ndarray], b: int, m: int, D: int, hw: Hardware, sh: _Shifts,
-              max_r: int | None, exact: bool) -> list[np.ndarray]:
+              max_r: int | None, exact: bool, deadline: float = INF) -> list[np.ndarray]:
     """Chains over a lattice of prefixes (positions, or downsets): tables[i][d, k] is the best τ of everything
     after prefix i with at most d devices in at most (`exact`: exactly) k stages; first[i] holds the costs of
     each candidate next stage, nxt[i] the prefix each one reaches. Every nxt is numbered above its prefix."""
@@ -483,6 +457,8 @@ def _chain_dp(first: list[_Aggs], nxt: list[np.ndarray], b: int, m: int, D: int,
         tables[n - 1][:, 1:] = INF
     shifted = np.zeros((n, size, size, size))  # [i, d1, d, k] = tables[i][d - d1, k - 1]
     for i in range(n - 1, -1, -1):
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the planner passed its time budget")
         if i < n - 1:
             u = np.minimum.accumulate(_tau(first[i], b, m, D, hw, max_r), axis=1)  # [j, d1, q = k - 1]
             uk = np.full_like(u, INF)
@@ -512,12 +488,12 @@ def _chain_rebuild(tables, first, nxt, b, m, D, hw, max_r, exact, d, k) -> list[
 
 
 def _plan_chain(method: str, lg: LayerGraph, devices: int, batch: int, hw: Hardware, micro, first, nxt,
-                stage_of, t0: float, max_r: int | None, exact: bool) -> Plan:
+                stage_of, t0: float, max_r: int | None, exact: bool, budget_s: float = INF) -> Plan:
     D, sh = devices, _Shifts(devices)
     best = None
     for b in micro or micro_batches(batch):
         m = batch // b
-        tables = _chain_dp(first, nxt, b, m, D, hw, sh, max_r, exact)
+        tables = _chain_dp(first, nxt, b, m, D, hw, sh, max_r, exact, t0 + budget_s)
         for k in [D] if exact else range(1, D + 1):
             c = (m + k - 1) * tables[0][D, k]
             if c < INF and (best is None or c < best[0]):
@@ -590,10 +566,10 @@ def _ideals(lg: LayerGraph, limit: int) -> list[int]:
 
 
 def plan_piper(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None = None,
-               micro: Sequence[int] | None = None, limit: int = 50_000) -> Plan:
+               micro: Sequence[int] | None = None, limit: int = 50_000, budget_s: float = INF) -> Plan:
     """Piper-style: a chain of stages, each the difference of two downsets of the layer DAG (any convex set, in
     a linear order), with replicas, by a program over all pairs of downsets. Its cost grows with the number of
-    downsets, which multiplies with every parallel branch."""
+    downsets, which multiplies with every parallel branch. Past `budget_s` seconds it raises TimeoutError."""
     hw = hw or Hardware()
     _check(lg, devices, batch)
     t0 = time.perf_counter()
@@ -618,7 +594,8 @@ def plan_piper(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None = N
                            live_c[i] + live_c[sup]))
         nxt.append(sup)
     return _plan_chain("piper", lg, devices, batch, hw, micro, first, nxt,
-                       lambda i, j: [v for v in range(n) if member[j, v] and not member[i, v]], t0, None, False)
+                       lambda i, j: [v for v in range(n) if member[j, v] and not member[i, v]], t0, None, False,
+                       budget_s)
 
 
 PLANNERS = {"graphpipe": plan_graphpipe, "pipedream": plan_pipedream, "piper": plan_piper}
