@@ -5,11 +5,11 @@ too; a rank that dies or hangs ends the launch with a clear error, never a hang.
 import time
 
 import pytest
+from test_graphpipe_runtime import group_plan, max_error
 
 from tapml.errors import TapmlError
 from tapml.graphpipe.cost import CHAIN
 from tapml.graphpipe.launch import Job, launch, train_reference
-from tests.test_graphpipe_runtime import group_plan, max_error
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,13 @@ import random
 
 import networkx as nx
 import pytest
+from test_graphpipe_planner import costs, random_dag, random_sp
 
 from tapml.graphpipe.cost import CHAIN, DAG, Hardware
 from tapml.graphpipe.graph import LayerGraph
 from tapml.graphpipe.planner import make_plan, plan_graphpipe, plan_pipedream
 from tapml.graphpipe.schedule import GPIPE, ONE_F_ONE_B, Action, Schedule, build, stage_order
 from tapml.graphpipe.simulator import Deadlock, ScheduleError, StageCosts, check_deadlock, simulate
-from tests.test_graphpipe_planner import costs, random_dag, random_sp
 
 F, B = "F", "B"
 FREE = Hardware(bandwidth=1e30, latency=0.0)

@@ -230,19 +230,6 @@ class Program:
         nodes = [m for i in layers for m in self.layers[i].nodes]
         return build_stage(self.gm, nodes, keep=[self.output])
 
-    def values(self, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """Every node's value on these inputs (no autograd), by node name: the inputs each layer sees."""
-        env: dict[str, Any] = {}
-
-        class _Keep(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> Any:
-                env[n.name] = super().run_node(n)
-                return env[n.name]
-
-        with torch.no_grad():
-            _Keep(self.gm).run(*inputs)
-        return env
-
 
 # ----------------------------------------------------------------------------------------------- costs
 

@@ -344,7 +344,7 @@ def launch(jobs: list[Job], nprocs: int, device: str = "cpu", out: str | Path | 
         raise TapmlError(f"{nprocs} ranks need {nprocs} GPUs; this machine has {torch.cuda.device_count()}")
     outdir = Path(out or tempfile.mkdtemp(prefix="graphpipe-"))
     outdir.mkdir(parents=True, exist_ok=True)
-    for f in outdir.glob("*.rank*.json"):
+    for f in [*outdir.glob("*.rank*.json"), *outdir.glob("*.grads*.pt")]:  # nothing stale is read back
         f.unlink()
     cfg = {"jobs": [asdict(j) for j in jobs], "device": device, "out": str(outdir), "timeout_s": timeout_s,
            "fault": fault}
