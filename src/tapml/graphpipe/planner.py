@@ -40,6 +40,7 @@ class Plan:
     estimate: Estimate
     search_s: float
     layer_names: list[list[str]]
+    simulated_s: float | None = None  # the simulator's step, when the planner ran it
 
     @property
     def n_micro(self) -> int:
@@ -61,7 +62,7 @@ class Plan:
         e = self.estimate
         return {"method": self.method, "topology": self.topology, "stages": self.stages, "replicas": self.replicas,
                 "micro_batch": self.micro_batch, "batch": self.batch, "search_s": self.search_s,
-                "layer_names": self.layer_names,
+                "layer_names": self.layer_names, "simulated_s": self.simulated_s,
                 "estimate": {"step_s": e.step_s, "tau": e.tau, "depth": e.depth, "inflight": e.inflight,
                              "memory": e.memory, "feasible": e.feasible, "edges": [list(x) for x in e.edges]}}
 
@@ -71,7 +72,7 @@ class Plan:
         est = Estimate(e["step_s"], e["tau"], e["depth"], e["inflight"], e["memory"], e["feasible"],
                        [tuple(x) for x in e["edges"]])
         return cls(d["method"], d["topology"], d["stages"], d["replicas"], d["micro_batch"], d["batch"], est,
-                   d["search_s"], d["layer_names"])
+                   d["search_s"], d["layer_names"], d.get("simulated_s"))
 
     def describe(self) -> str:
         e = self.estimate
@@ -95,9 +96,10 @@ def _check(lg: LayerGraph, devices: int, batch: int) -> None:
 
 
 def _finish(method: str, topology: str, lg: LayerGraph, stages: list[list[int]], replicas: list[int], b: int,
-            batch: int, hw: Hardware, t0: float, predicted: float) -> Plan:
+            batch: int, hw: Hardware, t0: float, predicted: float | None) -> Plan:
+    """The Plan, checked against the cost the program claimed for it (None: a bound, not a claim)."""
     est = evaluate(lg, stages, replicas, b, batch, hw, topology)
-    if not math.isclose(est.step_s, predicted, rel_tol=1e-9, abs_tol=1e-15):
+    if predicted is not None and not math.isclose(est.step_s, predicted, rel_tol=1e-9, abs_tol=1e-15):
         raise AssertionError(f"{method}: the program's cost {predicted} disagrees with the plan's {est.step_s}")
     names = [[lg.layers[i].name for i in s] for s in stages]
     return Plan(method, topology, stages, replicas, b, batch, est, time.perf_counter() - t0, names)
@@ -389,32 +391,32 @@ def search_space(lg: LayerGraph, devices: int, max_series: int | None = None) ->
 
 def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None = None,
                    micro: Sequence[int] | None = None, max_series: int | None = None, chain: bool = True,
-                   replicate: bool = True) -> Plan:
+                   replicate: bool = True, refine: int = 4) -> Plan:
     """GraphPipe: the best stage DAG whose stages are units of the series-parallel tree, with replicas per
     stage and the micro-batch, for the predicted step (M + P − 1)·τ; exact over `search_space` (series longer
     than `max_series` children, default max(16, 2·devices), are first cut into balanced blocks).
 
     With `chain`, the PipeDream-style chain of the same topological order is a candidate too, run as a DAG
     (each stage sends straight to its consumers, nothing relayed): a cut across parallel branches is outside
-    the series-parallel units, and the better of the two is returned, so GraphPipe never predicts worse than
-    the sequential plan. `replicate=False`: one device per stage (the stage graph alone)."""
+    the series-parallel units. With `refine` > 0 the program's best plans for the `refine` best (micro-batch,
+    depth) pairs and the chain candidate are simulated (1F1B on the stage DAG) and the fastest simulated one is
+    returned: (M + P − 1)·τ is exact for balanced chains only. `refine=0`: the program's optimum (or the chain's
+    when that predicts better). `replicate=False`: one device per stage (the stage graph alone)."""
     hw = hw or Hardware()
     _check(lg, devices, batch)
     t0 = time.perf_counter()
     D, sh = devices, _Shifts(devices)
     max_r = None if replicate else 1
     tree = _tree(lg, devices, max_series)
-    best: tuple[float, int, int] | None = None
+    found: list[tuple[float, int, int]] = []
     for b in micro or micro_batches(batch):
         m = batch // b
         _solve(tree, _Ctx(b, m, D, hw, max_r), sh)
-        for p in range(1, D + 1):
-            c = (m + p - 1) * tree.table[D, 0, p]
-            if c < INF and (best is None or c < best[0]):
-                best = (c, b, p)
-    out = None
-    if best is not None:
-        cost, b, p = best
+        found += [((m + p - 1) * tree.table[D, 0, p], b, p) for p in range(1, D + 1)
+                  if (m + p - 1) * tree.table[D, 0, p] < INF]
+    found.sort()
+    cands: list[Plan] = []
+    for k, (cost, b, p) in enumerate(found[: max(1, refine)]):
         ctx = _Ctx(b, batch // b, D, hw, max_r)
         _solve(tree, ctx, sh)
         units: list[tuple[tuple[int, ...], int]] = []
@@ -422,8 +424,12 @@ def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None
         stages = [sorted(u) for u, _ in units]
         g = stage_graph(lg, stages)
         order = list(nx.lexicographical_topological_sort(g, key=lambda s: min(stages[s])))
-        out = _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch, hw,
-                      t0, cost)
+        # The best pair's cost is exact; the others bound plans that may be shallower than their depth p.
+        plan = _finish("graphpipe", DAG, lg, [stages[s] for s in order], [units[s][1] for s in order], b, batch,
+                       hw, t0, cost if k == 0 else None)
+        if all((plan.stages, plan.replicas, plan.micro_batch) != (c.stages, c.replicas, c.micro_batch)
+               for c in cands):
+            cands.append(plan)
     if chain:
         coarse, groups = lg.coarsen_order(max(64, 4 * devices))
         try:
@@ -433,10 +439,19 @@ def plan_graphpipe(lg: LayerGraph, devices: int, batch: int, hw: Hardware | None
         if seq is not None:
             stages = [[v for g in st for v in groups[g]] for st in seq.stages]
             alt = make_plan(lg, stages, seq.replicas, seq.micro_batch, batch, hw, "graphpipe", DAG)
-            if alt.estimate.feasible and (out is None or alt.estimate.step_s < out.estimate.step_s):
-                out = alt
-    if out is None:
+            if alt.estimate.feasible:
+                cands.append(alt)
+    if not cands:
         raise _infeasible(devices, hw)
+    if refine > 0:
+        from tapml.graphpipe.schedule import build
+        from tapml.graphpipe.simulator import StageCosts, simulate
+
+        for c in cands:
+            c.simulated_s = simulate(build(c, lg), StageCosts.of(c, lg), hw, check=False).step_s
+        out = min(cands, key=lambda c: (c.simulated_s, c.estimate.step_s))
+    else:
+        out = min(cands, key=lambda c: c.estimate.step_s)
     out.search_s = time.perf_counter() - t0
     return out
 
