@@ -8,6 +8,7 @@ in-flight micro-batches per stage; they must not run anything.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -177,10 +178,15 @@ def _tau(g: _Aggs, b: int, m: int, D: int, hw: Hardware, max_r: int | None = Non
         t = (compute + 2 * (g.cross * b / hw.bandwidth + g.msgs * hw.latency)) / r
         if r > 1:
             t = t + (2 * (r - 1) / r * g.params / hw.bandwidth + 2 * (r - 1) * hw.latency) / m
-        inflight = np.array([math.ceil(min(m, q + 1) / r) for q in range(D + 1)], dtype=float)
-        ok = state + inflight[None, :] * act[:, None] <= hw.memory
+        ok = state + _inflight(m, D, r)[None, :] * act[:, None] <= hw.memory
         v[:, r, :] = np.where(ok, t[:, None], INF)
     return v
+
+
+@functools.lru_cache(maxsize=4096)
+def _inflight(m: int, D: int, r: int) -> np.ndarray:
+    """[q] micro-batches one of r replicas holds with q stages after it (of m)."""
+    return np.array([math.ceil(min(m, q + 1) / r) for q in range(D + 1)], dtype=float)
 
 
 def _best_r(raw: np.ndarray, d: int, q: int, value: float) -> int:
