@@ -171,22 +171,23 @@ def _aggs_of(lg: LayerGraph, sets: Sequence[Sequence[int]]) -> _Aggs:
 
 def _tau(g: _Aggs, b: int, m: int, D: int, hw: Hardware, max_r: int | None = None) -> np.ndarray:
     """[set, r, q] τ of each set as one stage with exactly r replicas and q stages after it; INF over memory."""
+    rmax = min(D, m, max_r or D)
+    r = np.arange(1, rmax + 1, dtype=float)
     compute, act = g.ca + g.cc * b, g.aa + g.ac * b
+    t = (compute + 2 * (g.cross * b / hw.bandwidth + g.msgs * hw.latency))[:, None] / r[None, :]
+    # the replicas' all-reduce, amortized (zero for one replica: x + 0.0 is x, as stage_time leaves it)
+    t = t + ((2 * (r - 1) / r)[None, :] * g.params[:, None] / hw.bandwidth + (2 * (r - 1) * hw.latency)[None, :]) / m
+    ok = (g.params * hw.state_factor)[:, None, None] + _inflight(m, D, rmax)[None] * act[:, None, None] <= hw.memory
     v = np.full((len(compute), D + 1, D + 1), INF)
-    state = (g.params * hw.state_factor)[:, None]
-    for r in range(1, min(D, m, max_r or D) + 1):
-        t = (compute + 2 * (g.cross * b / hw.bandwidth + g.msgs * hw.latency)) / r
-        if r > 1:
-            t = t + (2 * (r - 1) / r * g.params / hw.bandwidth + 2 * (r - 1) * hw.latency) / m
-        ok = state + _inflight(m, D, r)[None, :] * act[:, None] <= hw.memory
-        v[:, r, :] = np.where(ok, t[:, None], INF)
+    v[:, 1: rmax + 1, :] = np.where(ok, t[:, :, None], INF)
     return v
 
 
 @functools.lru_cache(maxsize=4096)
-def _inflight(m: int, D: int, r: int) -> np.ndarray:
-    """[q] micro-batches one of r replicas holds with q stages after it (of m)."""
-    return np.array([math.ceil(min(m, q + 1) / r) for q in range(D + 1)], dtype=float)
+def _inflight(m: int, D: int, rmax: int) -> np.ndarray:
+    """[r - 1, q] micro-batches one of r replicas holds with q stages after it (of m)."""
+    return np.array([[math.ceil(min(m, q + 1) / r) for q in range(D + 1)] for r in range(1, rmax + 1)],
+                    dtype=float)
 
 
 def _best_r(raw: np.ndarray, d: int, q: int, value: float) -> int:
