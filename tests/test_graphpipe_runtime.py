@@ -73,3 +73,39 @@ def test_chain_stages_compose_to_the_model():
         x = st(*x) if isinstance(x, tuple) else st(x)
         assert all(t.is_floating_point() for t in (x if isinstance(x, tuple) else (x,)))
     assert torch.equal(x, model(*inputs))
+
+
+class Skip(torch.nn.Module):
+    """A value read by two later stages (a skip connection: what PyTorch's pipelining cannot train)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(6, 6) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return (self.c(torch.tanh(self.b(h))) + h).sum(-1)
+
+
+def test_gradients_from_two_consumers_add_up():
+    from tapml.graphpipe.runtime import StageRunner, run_local, wire
+    from tapml.graphpipe.schedule import build
+
+    torch.manual_seed(0)
+    model = Skip().double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    prog = Program(model, (x[:2],))
+    lg = _structure(prog)
+    names = [lay.name for lay in lg.layers]
+    assert names == ["a", "b", "c", "model~add"]  # the residual add joins two layers: a layer of its own
+    p = make_plan(lg, [[0], [1], [2, 3]], [1, 2, 1], 2, 8)
+    sched = build(p, lg)
+    assert (0, 1) in sched.edges and (0, 2) in sched.edges  # h goes to both later stages
+    loss = torch.nn.functional.mse_loss
+    runners = {s: StageRunner(s, w, prog, p.n_micro, loss, torch.device("cpu"))
+               for s, w in wire(prog, p.stages, sched.edges).items()}
+    run_local(sched, runners, (x,), y, 2)
+    loss(model(x), y).backward()
+    got = {k: q.grad for r in runners.values() for k, q in r.w.module.parameters().items()}
+    want = {k: q.grad for k, q in model.named_parameters()}
+    assert max_error(got, want) <= 1e-12

@@ -24,7 +24,7 @@ from torch import fx
 from tapml.errors import TapmlError
 from tapml.graphpipe.stages import StageModule, build_stage
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # bump when grouping or measuring changes
 
 
 def layer_key(path: str, depth: int | None = None) -> str:
@@ -83,9 +83,9 @@ class Program:
     """A model exported once at a fixed batch, with its call nodes grouped into layers that form a DAG.
 
     Grouping: nodes of the same layer key (`layer_key`) go together; a getitem goes with the node it reads;
-    glue (ops of the root module, or of a module that has layers inside it) joins its only producer layer, else
-    its only consumer layer, else becomes a layer of its own; layers that read the same parameter merge; layers
-    on a cycle (a module called twice around another) merge."""
+    glue (ops of the root module, or of a module that has layers inside it) joins its only producer, else its
+    only consumer, else becomes a layer of its own; layers that read the same parameter merge; layers on a
+    cycle (a module called twice around another) merge."""
 
     def __init__(self, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], depth: int | None = None):
         try:
@@ -131,29 +131,21 @@ class Program:
             if n.target.__name__ == "getitem" and isinstance(n.args[0], fx.Node) and n.args[0].op == "call_function":
                 sets.union(n.args[0].name, n.name)
                 glue.discard(n.name)
-        for n in calls:  # connected glue forms one group
-            if n.name in glue:
-                for a in n.all_input_nodes:
-                    if a.name in glue:
-                        sets.union(a.name, n.name)
-        groups: dict[str, list[fx.Node]] = {}
+        # Glue, in graph order: with one producing group it joins it (a chain of glue follows its head).
+        pending = []
         for n in calls:
-            groups.setdefault(sets.find(n.name), []).append(n)
-        decided: list[tuple[str, str]] = []
-        for root, members in groups.items():
-            if not all(m.name in glue for m in members):
-                continue
-            names = {m.name for m in members}
-            prods = {sets.find(a.name) for m in members for a in m.all_input_nodes
-                     if a.op == "call_function" and a.name not in names}
-            cons = {sets.find(u.name) for m in members for u in m.users
-                    if u.op == "call_function" and u.name not in names}
-            if len(prods) == 1:
-                decided.append((next(iter(prods)), root))
-            elif len(cons) == 1:
-                decided.append((next(iter(cons)), root))
-        for a, b in decided:
-            sets.union(a, b)
+            if n.name in glue:
+                prods = {sets.find(a.name) for a in n.all_input_nodes if a.op == "call_function"}
+                if len(prods) == 1:
+                    sets.union(next(iter(prods)), n.name)
+                else:
+                    pending.append(n)
+        # The rest (joins, ops on the inputs alone), from the back: with one consuming group it joins it, else
+        # it stays a layer of its own (joining a producer would make one branch depend on another).
+        for n in reversed(pending):
+            cons = {sets.find(u.name) for u in n.users if u.op == "call_function"} - {sets.find(n.name)}
+            if len(cons) == 1:
+                sets.union(next(iter(cons)), n.name)
         # A parameter read in two layers (tied weights) keeps them together: gradients must meet in one place.
         for n in nodes:
             if n.op == "get_attr":
