@@ -17,6 +17,7 @@ Markdown tables on stdout; everything in --json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -97,10 +98,12 @@ def predicted(models, size, device, dtype, devices, hw, piper_budget) -> tuple[l
 
 def sliced(models, size, device, dtype, devices, hw, steps) -> tuple[list[list], dict]:
     rows, raw = [], {}
+    # every stage shares the one device: plan with its memory split over the devices the plan is for
+    one = dataclasses.replace(hw, memory=hw.memory / devices)
     for name in models:
         batch = api.default_batch(name, size)
         lg = api.profile(name, size, device, batch, dtype)
-        p = plan_graphpipe(lg, devices, batch, hw)
+        p = plan_graphpipe(lg, devices, batch, one)
         pred, meas, _ = api.time_sliced(name, p, lg, size, device, dtype, steps, hw)
         err = (pred - meas) / meas
         rows.append([name, f"{len(p.stages)} stages, {p.n_micro} × {p.micro_batch}", f"{pred * 1e3:.2f}",
