@@ -101,7 +101,16 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    from tapml.graphpipe.launch import _fault, _peak, _sync, batch_for, build_model, optimizer, program_for
+    from tapml.graphpipe.job import (
+        batch_for,
+        build_model,
+        end_step,
+        fault,
+        optimizer,
+        peak,
+        program_for,
+        sync,
+    )
     from tapml.graphpipe.models import get_model
 
     plan = job.the_plan
@@ -135,11 +144,11 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
     losses, step_s, records = [], [], []
     for step in range(job.steps):
         inputs, target = batch_for(job, step, dev)
-        _fault(cfg, job, rank, step)
+        fault(cfg, job, rank, step)
         dist.barrier()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         clock.start()
         got: list[torch.Tensor] = []
@@ -151,15 +160,10 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
             sched.step(target=target, losses=got)
         else:
             sched.step()
-        _sync(dev)
+        sync(dev)
         step_s.append(time.perf_counter() - t0)
         records = [[x.kind, x.stage, x.mb, x.start, x.end] for x in clock.records()]
         losses.append(float(sum(x.detach() for x in got) / plan.n_micro) if got else 0.0)
-        if job.dump_grads and step == 0 and params:
-            torch.save({k: p.grad.detach().cpu() for k, p in params.items() if p.grad is not None},
-                       out / f"{job.label}.grads{rank}.pt")
-        if opt is not None:
-            opt.step()
-            opt.zero_grad()
+        end_step(job, step, params, opt, out, rank)
     (out / f"{job.label}.rank{rank}.json").write_text(json.dumps(
-        {"losses": losses, "step_s": step_s, "records": records, "peak_bytes": _peak(dev), "stage": rank}))
+        {"losses": losses, "step_s": step_s, "records": records, "peak_bytes": peak(dev), "stage": rank}))

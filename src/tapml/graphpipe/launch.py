@@ -22,8 +22,19 @@ import torch
 
 from tapml.errors import TapmlError
 from tapml.graphpipe.graph import Program
+from tapml.graphpipe.job import (  # noqa: F401
+    DTYPES,
+    Job,
+    batch_for,
+    build_model,
+    end_step,
+    fault,
+    optimizer,
+    peak,
+    program_for,
+    sync,
+)
 from tapml.graphpipe.models import get_model
-from tapml.graphpipe.planner import Plan
 from tapml.graphpipe.runtime import (
     P2P,
     Clock,
@@ -37,27 +48,6 @@ from tapml.graphpipe.runtime import (
 from tapml.graphpipe.schedule import Schedule, build
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class Job:
-    label: str
-    model: str
-    plan: dict[str, Any]  # Plan.to_json()
-    size: str = "tiny"
-    dtype: str = "float32"
-    steps: int = 1
-    lr: float = 0.05
-    optimizer: str = "sgd"
-    schedule: str = "1f1b"
-    engine: str = "graphpipe"  # or "pipelining": torch.distributed.pipelining on a chain plan (baselines)
-    seed: int = 0
-    dump_grads: bool = False  # write each rank's gradients after the first step (before the optimizer)
-
-    @property
-    def the_plan(self) -> Plan:
-        return Plan.from_json(self.plan)
 
 
 @dataclass
@@ -71,36 +61,6 @@ class Result:
     records: dict[int, list[list[Any]]] = field(default_factory=dict)
     peak_bytes: dict[int, float] = field(default_factory=dict)
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def batch_for(job: Job, step: int, device: torch.device) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    spec = get_model(job.model)
-    inputs, target = spec.batch(job.the_plan.batch, job.size, DTYPES[job.dtype], seed=job.seed + 1000 * step)
-    return tuple(t.to(device) for t in inputs), target.to(device)
-
-
-def build_model(job: Job, device: torch.device) -> torch.nn.Module:
-    return get_model(job.model).build(job.size, DTYPES[job.dtype], seed=job.seed).to(device)
-
-
-def program_for(job: Job, model: torch.nn.Module, device: torch.device, depth: int | None = None) -> Program:
-    """The model exported at the plan's micro-batch (every rank exports the same graph)."""
-    plan = job.the_plan
-    inputs, _ = batch_for(job, 0, device)
-    prog = Program(model, tuple(t[: plan.micro_batch] for t in inputs), depth)
-    names = [lay.name for lay in prog.layers]
-    index = {n: i for i, n in enumerate(names)}
-    missing = [n for s in plan.layer_names for n in s if n not in index]
-    if missing:
-        raise TapmlError(f"the plan names layers this model does not have ({', '.join(missing[:3])}); plan again")
-    prog.stage_layers = [[index[n] for n in s] for s in plan.layer_names]  # type: ignore[attr-defined]
-    return prog
-
-
-def optimizer(job: Job, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    if job.optimizer == "adam":
-        return torch.optim.Adam(params, lr=job.lr)
-    return torch.optim.SGD(params, lr=job.lr)
 
 
 def dag_schedule(job: Job, prog: Program) -> Schedule:
@@ -150,10 +110,10 @@ def train_local(job: Job, device: str = "cpu", order: str = "turns") -> Result:
         inputs, target = batch_for(job, step, dev)
         for r in runners.values():
             r.loss_sum = 0.0
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         recs = run_local(sched, runners, inputs, target, plan.micro_batch, seq)
-        _sync(dev)
+        sync(dev)
         res.step_s.append(time.perf_counter() - t0)
         res.losses.append(sum(r.loss_sum for r in runners.values()))
         res.records = {0: [[x.kind, x.stage, x.mb, x.start, x.end] for x in recs]}
@@ -178,7 +138,7 @@ def train_reference(job: Job, device: str = "cpu") -> Result:
         t0 = time.perf_counter()
         loss = spec.loss(model(*inputs), target)
         loss.backward()
-        _sync(dev)
+        sync(dev)
         res.step_s.append(time.perf_counter() - t0)
         res.losses.append(float(loss.detach()))
         if job.dump_grads and step == 0:
@@ -188,29 +148,7 @@ def train_reference(job: Job, device: str = "cpu") -> Result:
     return res
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 # ----------------------------------------------------------------------------------------------- torchrun side
-
-
-def _peak(dev: torch.device) -> float:
-    if dev.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(dev))
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def _fault(cfg: dict[str, Any], job: Job, rank: int, step: int) -> None:
-    f = cfg.get("fault")
-    if f and f["job"] == job.label and f["rank"] == rank and f["step"] == step:
-        print(f"graphpipe rank {rank}: injected fault: {f['kind']} at step {step}", file=sys.stderr, flush=True)
-        if f["kind"] == "die":
-            os._exit(3)
-        time.sleep(3600)
 
 
 def run_job_rank(cfg: dict[str, Any], job: Job, rank: int, world: int, dev: torch.device, groups: dict[str, Any],
@@ -256,12 +194,12 @@ def run_job_rank(cfg: dict[str, Any], job: Job, rank: int, world: int, dev: torc
                                 "stopped answering — see the other ranks' lines") from None
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         clock.start()
         for r in runners.values():
             r.loss_sum = 0.0
-        _fault(cfg, job, rank, step)
+        fault(cfg, job, rank, step)
         for ops in acts:
             run_action(sched, rank, ops, runners, transport, inputs, target, plan.micro_batch, clock)
         transport.flush()
@@ -274,17 +212,12 @@ def run_job_rank(cfg: dict[str, Any], job: Job, rank: int, world: int, dev: torc
                 n = p.numel()
                 p.grad = flat[i:i + n].view_as(p).clone()
                 i += n
-        _sync(dev)
+        sync(dev)
         res.step_s.append(time.perf_counter() - t0)
         res.losses.append(sum(r.loss_sum for r in runners.values()))
         res.records = {rank: [[x.kind, x.stage, x.mb, x.start, x.end] for x in clock.records()]}
-        if job.dump_grads and step == 0 and params:
-            torch.save({k: p.grad.detach().cpu() for k, p in params.items() if p.grad is not None},
-                       out / f"{job.label}.grads{rank}.pt")
-        if opt is not None:
-            opt.step()
-            opt.zero_grad()
-    res.peak_bytes = {rank: _peak(dev)}
+        end_step(job, step, params, opt, out, rank)
+    res.peak_bytes = {rank: peak(dev)}
     (out / f"{job.label}.rank{rank}.json").write_text(json.dumps(
         {"losses": res.losses, "step_s": res.step_s, "records": res.records[rank], "peak_bytes": res.peak_bytes[rank],
          "stage": stage}))
