@@ -303,7 +303,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=None, help="runs per cell, the fastest kept (3 on cpu, 1 on cuda)")
     ap.add_argument("--json", default=None, help="write every row here")
     ap.add_argument("--plot", default=None, help="write the step-time plot (PNG) here")
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration: seconds, checks the script runs (tests/test_benchmarks.py)")
     a = ap.parse_args()
+    if a.smoke:
+        a.models, a.contexts, a.chunks, a.steps, a.repeat = CPU_MODELS.split(",")[0], "1k,2k", "1,2", 2, 1
     gpu = a.device == "cuda"
     a.models = a.models or (GPU_MODELS if gpu else CPU_MODELS)
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")

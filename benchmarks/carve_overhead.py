@@ -38,7 +38,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration: seconds, checks the script runs (tests/test_benchmarks.py)")
     a = ap.parse_args()
+    if a.smoke:
+        a.tokens, a.repeat = 2, 1
 
     from tapml import zoo
     from tapml.recorder import carve

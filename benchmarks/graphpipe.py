@@ -149,7 +149,11 @@ def main() -> int:
                     help="seconds before the Piper-style planner stops (it is not run again for more devices)")
     ap.add_argument("--out", default="graphpipe-bench")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration: seconds, checks the script runs (tests/test_benchmarks.py)")
     a = ap.parse_args()
+    if a.smoke:
+        a.models, a.plan_devices, a.sliced_devices, a.steps, a.piper_budget = "uno", "2", 2, 2, 5.0
+        a.launch, a.measure_models = 2, "uno"
     size = a.size or ("gpu" if a.device == "cuda" else "tiny")
     hw = api.hardware(a.device, "adam")
     models = a.models.split(",")

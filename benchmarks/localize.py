@@ -48,7 +48,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--strategies", default="bisect,by-kind,by-module,carved")
     ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration: seconds, checks the script runs (tests/test_benchmarks.py)")
     a = ap.parse_args()
+    if a.smoke:
+        a.tokens, a.strategies = 2, "bisect"
     torch.set_num_threads(1)
 
     from rich.console import Console
@@ -69,7 +72,7 @@ def main() -> None:
     for col in ("fault", "strategy", "named", "culprit", "runs", "seconds"):
         table.add_column(col, justify="right" if col in ("runs", "seconds") else "left")
     summary: dict[str, list[tuple[bool, int, float]]] = {s: [] for s in strategies}
-    for spec, op, index in faults_for(trace):
+    for spec, op, index in faults_for(trace)[: 1 if a.smoke else None]:
         for strategy in strategies:
             fault = parse_fault(spec)
             target = open_backend("torch", inject=fault)

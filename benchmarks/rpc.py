@@ -141,9 +141,10 @@ def main() -> None:
     ap.add_argument("--store", action="append", default=[], help="also replay this carved store (repeatable)")
     ap.add_argument("--local", help="with --store: also replay in-process on this backend, for comparison")
     ap.add_argument("--no-tvm", action="store_true", help="skip TVM RPC")
-    ap.add_argument("--small", action="store_true", help="1 KB and 1 MB only, few repeats (a smoke run)")
+    ap.add_argument("--small", action="store_true", help="1 KB and 1 MB only, few repeats")
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration: seconds, checks the script runs (tests/test_benchmarks.py)")
     a = ap.parse_args()
-    if a.small:
+    if a.small or a.smoke:
         SIZES.pop("64 MB")
         for n in REPEATS:
             REPEATS[n] = 3

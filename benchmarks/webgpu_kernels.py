@@ -185,7 +185,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--mode", choices=["all", "kernels", "overhead"], default="all")
     p.add_argument("--sweep", action="store_true", help="also time matmul tile configurations")
+    p.add_argument("--smoke", action="store_true", help="the smallest configuration: seconds, checks the script runs (tests/test_benchmarks.py)")
     args = p.parse_args()
+    if args.smoke:
+        args.small, args.iters = True, 1
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     be = get_backend("webgpu")
