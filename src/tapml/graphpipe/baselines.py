@@ -39,36 +39,49 @@ class _ContiguousGrad(torch.autograd.Function):
 
 class ChainStage(nn.Module):
     """Stage k of a chain: `forward(*live_k) -> live_{k+1}` (the model's output at the last stage), running its
-    part of the graph and relaying the values that later stages need."""
+    part of the graph and relaying the activations that later stages need.
 
-    def __init__(self, part: StageModule, live_in: list[str], live_out: list[str], dtypes: dict[str, torch.dtype]):
+    Model inputs are not relayed: every rank builds the same batch, and a stage reads the inputs it needs from
+    its own copy of the micro-batch being run (`chunk`, set by the schedule's per-chunk hook). Relayed through
+    PipelineStage, a tensor that does not require grad (input ids, masks) intermittently arrived as the
+    receive buffer's uninitialized memory under gloo (torch 2.13), in 1F1B and GPipe alike."""
+
+    def __init__(self, part: StageModule, live_in: list[str], live_out: list[str], reads: list[str]):
         super().__init__()
         self.part = part.module
         self.inputs, self.outputs = part.inputs, part.outputs
-        self.live_in, self.live_out = live_in, live_out
-        # PipelineStage does not carry integer activations between ranks (they arrive as garbage): integers
-        # travel as float64 (exact below 2**53) and are turned back here.
-        self.ints = {v: dt for v, dt in dtypes.items() if not dt.is_floating_point}
+        self.live_in, self.live_out, self.reads = live_in, live_out, reads
+        self.model_inputs: list[str] = []  # names of the model's inputs, in order
+        self.batch: list[tuple[torch.Tensor, ...]] = []  # per micro-batch: the model's inputs
+        self.chunk = 0
+
+    def set_batch(self, names: list[str], inputs: tuple[torch.Tensor, ...], n_micro: int) -> None:
+        """This step's micro-batches, split as the schedule splits its arguments (tensor_split on dim 0)."""
+        self.model_inputs = names
+        parts = [torch.tensor_split(t, n_micro, 0) for t in inputs]
+        self.batch = [tuple(p[i] for p in parts) for i in range(n_micro)]
 
     def forward(self, *live: torch.Tensor) -> Any:
         env = {}
+        if self.reads:
+            mine = dict(zip(self.model_inputs, self.batch[self.chunk]))
+            env.update((v, mine[v]) for v in self.reads)
         for v, t in zip(self.live_in, live):
-            if v in self.ints:
-                env[v] = t.to(self.ints[v])
-            else:
-                env[v] = _ContiguousGrad.apply(t) if t.requires_grad else t
+            env[v] = _ContiguousGrad.apply(t) if t.requires_grad else t
         made = self.part(*(env[v] for v in self.inputs))
         env.update(zip(self.outputs, made))
-        out = tuple((env[v].double() if v in self.ints else env[v]).contiguous() for v in self.live_out)
+        out = tuple(env[v].contiguous() for v in self.live_out)
         return out[0] if len(out) == 1 else out
 
 
 def chain_stages(program: Program, stages: list[list[int]]) -> list[ChainStage]:
-    """Each stage with its boundary sets: live_k = values (model inputs included) made before stage k and read
-    at stage k or later; stage 0 takes every model input, the last stage returns the model output."""
+    """Each stage with its boundary sets: live_k = activations made before stage k and read at stage k or later
+    (stage 0 takes every model input from the schedule; later stages read the model inputs they need from their
+    own batch), the last stage returns the model output."""
     owner = {v: s for s, layers in enumerate(stages) for v in layers}
     made_in = {n: owner[program.layer_of[n]] for n in program.layer_of}
     parts = [program.stage(layers) for layers in stages]
+    model_inputs = set(program.inputs)
     readers: dict[str, set[int]] = {}
     for s, p in enumerate(parts):
         for v in p.inputs:
@@ -76,17 +89,21 @@ def chain_stages(program: Program, stages: list[list[int]]) -> list[ChainStage]:
     order = program.order
     live = [list(program.inputs)]
     for k in range(1, len(stages)):
-        vals = [v for v, rs in readers.items() if made_in.get(v, -1) < k and max(rs) >= k]
+        vals = [v for v, rs in readers.items()
+                if v not in model_inputs and made_in.get(v, -1) < k and max(rs) >= k]
         live.append(sorted(vals, key=order.__getitem__))
     live.append([program.output])
-    dtypes = {v: program.node(v).meta["val"].dtype for vs in live for v in vs}
-    return [ChainStage(parts[k], live[k], live[k + 1], dtypes) for k in range(len(stages))]
+    reads = [[] if k == 0 else [v for v in program.inputs if v in parts[k].inputs] for k in range(len(stages))]
+    return [ChainStage(parts[k], live[k], live[k + 1], reads[k]) for k in range(len(stages))]
 
 
-def _timed(fn: Any, kind: str, stage: int, clock: Clock) -> Any:
-    """PipelineStage's forward/backward of one micro-batch, timed like the GraphPipe runtime's actions."""
+def _timed(fn: Any, kind: str, stage: int, clock: Clock, module: ChainStage | None = None) -> Any:
+    """PipelineStage's forward/backward of one micro-batch, timed like the GraphPipe runtime's actions (a forward
+    also tells the stage module which micro-batch it runs)."""
 
     def run(chunk: int, *args: Any, **kwargs: Any) -> Any:
+        if module is not None:
+            module.chunk = chunk
         t0 = clock.now()
         out = fn(chunk, *args, **kwargs)
         clock.marks.append((kind, stage, chunk, t0, clock.now()))
@@ -128,6 +145,7 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
     prog = program_for(job, model, dev)
     mods = chain_stages(prog, prog.stage_layers)  # type: ignore[attr-defined]
     mine = mods[rank].to(dev)
+    input_names = list(prog.inputs)
     del model, mods, prog  # the stage keeps its own parameters; the rest of the model goes
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -138,12 +156,13 @@ def run_chain_rank(cfg: dict[str, Any], job: Any, rank: int, world: int, dev: to
     sched = kind(stage, n_microbatches=plan.n_micro, loss_fn=loss_fn)
     clock = Clock(dev)
     for kind, name in (("F", "forward_one_chunk"), ("B", "backward_one_chunk")):
-        setattr(stage, name, _timed(getattr(stage, name), kind, rank, clock))
+        setattr(stage, name, _timed(getattr(stage, name), kind, rank, clock, mine if kind == "F" else None))
     params = {k.removeprefix("part."): p for k, p in mine.named_parameters()}
     opt = optimizer(job, list(params.values())) if params else None
     losses, step_s, records = [], [], []
     for step in range(job.steps):
         inputs, target = batch_for(job, step, dev)
+        mine.set_batch(input_names, inputs, plan.n_micro)
         fault(cfg, job, rank, step)
         dist.barrier()
         if dev.type == "cuda":
