@@ -279,6 +279,18 @@ def backends() -> None:
     out.print(t)
 
 
+def _mount_subapps() -> None:
+    """The systems' sub-apps (their modules import nothing heavy at import: `tapml --help` stays fast)."""
+    from tapml.graphpipe.cli import app as graphpipe_app
+    from tapml.parallel.cli import app as parallel_app
+
+    app.add_typer(parallel_app, name="parallel", help="Cache parallelism for long-context decode (decode, advise).")
+    app.add_typer(graphpipe_app, name="graphpipe", help="GraphPipe: DAG pipeline training (plan, train, bench).")
+
+
+_mount_subapps()
+
+
 def _one_line(text: str) -> str:
     """A message as one line: newlines and other control or unprintable characters (a path's, a non-UTF-8
     argument's) shown escaped, so the error is always exactly one line."""

@@ -4,18 +4,25 @@ A model is exported and coarsened into a profiled DAG of layers (`graph`), decom
 planned into a stage DAG by a dynamic program (`planner`, with the sequential PipeDream/Piper baselines),
 scheduled per stage in micro-batches (`schedule`), checked and timed by an event simulator (`simulator`), and
 trained on torch.distributed point-to-point sends (`runtime`, `launch`); `baselines` runs the chain plans
-through torch.distributed.pipelining. This file only re-exports; it must not import torch.distributed eagerly.
+through torch.distributed.pipelining. This file only re-exports, lazily; it must not import torch eagerly.
 """
 
-from tapml.graphpipe.cost import Hardware, evaluate
-from tapml.graphpipe.graph import LayerGraph, Program, layer_graph
-from tapml.graphpipe.launch import Job, launch, train_local, train_reference
-from tapml.graphpipe.models import PipeModel, get_model, pipe_models
-from tapml.graphpipe.planner import Plan, make_plan, plan_graphpipe, plan_pipedream, plan_piper
-from tapml.graphpipe.schedule import Schedule, build
-from tapml.graphpipe.simulator import Deadlock, simulate
-from tapml.graphpipe.sp import decompose
+from importlib import import_module
+from typing import Any
 
+_LAZY = {"Hardware": "cost", "evaluate": "cost", "LayerGraph": "graph", "Program": "graph", "layer_graph": "graph",
+         "Job": "job", "launch": "launch", "train_local": "launch", "train_reference": "launch",
+         "PipeModel": "models", "get_model": "models", "pipe_models": "models", "Plan": "planner",
+         "make_plan": "planner", "plan_graphpipe": "planner", "plan_pipedream": "planner", "plan_piper": "planner",
+         "Schedule": "schedule", "build": "schedule", "Deadlock": "simulator", "simulate": "simulator",
+         "decompose": "sp"}
 __all__ = ["Deadlock", "Hardware", "Job", "LayerGraph", "PipeModel", "Plan", "Program", "Schedule", "build",
            "decompose", "evaluate", "get_model", "launch", "layer_graph", "make_plan", "pipe_models",
            "plan_graphpipe", "plan_pipedream", "plan_piper", "simulate", "train_local", "train_reference"]
+
+
+def __getattr__(name: str) -> Any:  # imported on first use, so `tapml graphpipe --help` stays fast
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tapml.graphpipe' has no attribute {name!r}")
+    return getattr(import_module(f"tapml.graphpipe.{module}"), name)

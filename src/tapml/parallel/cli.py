@@ -14,15 +14,19 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tapml.errors import TapmlError
-from tapml.parallel import costmodel, models
-from tapml.parallel.plans import PLANS
+
+if TYPE_CHECKING:
+    from tapml.parallel import costmodel
+
+# Named here, not imported: `tapml --help` must not import torch and transformers to print them.
+MODELS_HELP = "llama3-8b, llama3-8b-mqa, or their CPU sizes llama3-8b-small, llama3-8b-mqa-small"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cache parallelism for long-context decode: run plans, or ask which to use.")
@@ -82,7 +86,7 @@ def render_decode(r: dict[str, Any]) -> Table:
 
 
 @app.command()
-def decode(model: str = typer.Argument(..., help=f"one of {', '.join(models.names())}"),
+def decode(model: str = typer.Argument(..., help=MODELS_HELP),
            plan: str = typer.Option("cp", help="single, tp, cp or hybrid"),
            context: str = typer.Option("4k", help="context tokens: 4096, 128k, 1M"),
            devices: int = typer.Option(2, help="processes (GPUs with --device cuda); plan single uses one"),
@@ -101,6 +105,9 @@ def decode(model: str = typer.Argument(..., help=f"one of {', '.join(models.name
            json_out: str | None = typer.Option(None, "--json", help="write the full result here")) -> None:
     """Run MODEL under a plan on N processes through torchrun, time its decode steps, print the analytic
     model's prediction beside the measurement."""
+    from tapml.parallel import models
+    from tapml.parallel.costmodel import PLANS
+
     s = models.shape(model, layers)
     n = 1 if plan == "single" else devices
     if plan not in PLANS:
@@ -142,10 +149,10 @@ def render_advice(a: costmodel.Advice, title: str) -> Table:
 
 
 @app.command()
-def advise(model: str = typer.Argument(..., help=f"one of {', '.join(models.names())}"),
+def advise(model: str = typer.Argument(..., help=MODELS_HELP),
            context: str = typer.Option("128k", help="context tokens: 32k, 128k, 1M"),
            devices: int = typer.Option(8, help="devices available"),
-           device: str = typer.Option("h200", help=f"device description: {', '.join(costmodel.DEVICES)}"),
+           device: str = typer.Option("h200", help="device description: h200, h100 or cpu"),
            batch: int = typer.Option(1, help="sequences decoded together"),
            dtype_bytes: int = typer.Option(2, help="bytes per weight and KV element (2: bf16)"),
            layers: int | None = typer.Option(None, help="count only this many decoder layers"),
@@ -153,6 +160,8 @@ def advise(model: str = typer.Argument(..., help=f"one of {', '.join(models.name
     """The analytic model's table for every plan, and the plan it names with why."""
     if devices < 1 or batch < 1 or dtype_bytes < 1:
         raise TapmlError("--devices, --batch and --dtype-bytes must be ≥ 1")
+    from tapml.parallel import costmodel, models
+
     s = models.shape(model, layers)
     ctx = models.parse_tokens(context)
     dev = costmodel.device(device)

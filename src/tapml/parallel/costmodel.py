@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, replace
 
 from tapml.errors import TapmlError
 from tapml.parallel.models import ModelShape
-from tapml.parallel.plans import PLANS
+
+PLANS = ("single", "tp", "cp", "hybrid")  # simplest first: ties go to the earlier
 
 GB = 1e9
 GIB = 1 << 30

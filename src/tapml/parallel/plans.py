@@ -18,9 +18,8 @@ import torch.distributed as dist
 from tapml.errors import TapmlError
 from tapml.parallel import cache as kvcache
 from tapml.parallel import merge as merging
+from tapml.parallel.costmodel import PLANS
 from tapml.parallel.models import ModelShape, materialize, skeleton
-
-PLANS = ("single", "tp", "cp", "hybrid")
 
 
 class RowSharded(torch.nn.Linear):
