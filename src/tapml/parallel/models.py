@@ -9,7 +9,6 @@ any tensor and still hold exactly the single model's values. Nothing here downlo
 from __future__ import annotations
 
 import math
-import os
 import zlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -145,19 +144,10 @@ def build(name: str, *, layers: int | None = None, device: torch.device | str = 
 @lru_cache(maxsize=4)
 def _prompt_stream(vocab: int) -> tuple[int, ...]:
     """Every shipped prompt through the zoo's tokenizer (MiniLM's WordPiece), mapped into `vocab` as the zoo maps
-    ids, one after another. $TAPML_TOKENIZER_DIR names a folder with the tokenizer's files alone (vocab.txt,
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json), for a machine without the 88 MB package."""
+    ids, one after another."""
     from tapml.zoo import prompts, token_ids
 
-    texts = [p["text"] for p in prompts()]
-    where = os.environ.get("TAPML_TOKENIZER_DIR")
-    if where:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(where)
-        lists = [[4 + i % (vocab - 4) for i in tok(t, add_special_tokens=False)["input_ids"]] or [4] for t in texts]
-    else:
-        lists = token_ids(texts, vocab)
+    lists = token_ids([p["text"] for p in prompts()], vocab)
     stream: list[int] = []
     for ids in lists:
         stream += ids + [2]  # eos between prompts, as documents are joined in long-context data

@@ -4,6 +4,7 @@ batches, and real photos from scikit-image, resized and ImageNet-normalized. Not
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from importlib import resources
 
@@ -36,9 +37,17 @@ def minilm_dir():
 
 @lru_cache(maxsize=1)
 def tokenizer():
-    """MiniLM's real WordPiece tokenizer (uncased BERT vocabulary), loaded from the installed package."""
+    """MiniLM's real WordPiece tokenizer (uncased BERT vocabulary), loaded from the installed package, or from
+    $TAPML_TOKENIZER_DIR: a folder holding its files alone (vocab.txt, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json), for a machine without the 88 MB package (a GPU machine that cannot download)."""
     from transformers import AutoTokenizer
 
+    where = os.environ.get("TAPML_TOKENIZER_DIR")
+    if where:
+        if not os.path.isfile(os.path.join(where, "vocab.txt")):
+            raise TapmlError(f"TAPML_TOKENIZER_DIR={where} has no vocab.txt; point it at a copy of MiniLM's "
+                             "tokenizer files, or unset it")
+        return AutoTokenizer.from_pretrained(where)
     return AutoTokenizer.from_pretrained(str(minilm_dir()))
 
 
