@@ -22,8 +22,8 @@ from tapml.errors import TapmlError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TapML: carve real op tests from a model on PyTorch, replay them on a target backend.")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _human(n: float) -> str:

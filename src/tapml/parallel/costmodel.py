@@ -218,6 +218,23 @@ def _gb(x: float) -> str:
     return f"{x / GIB:.1f} GiB" if x >= 0.1 * GIB else f"{x / (1 << 20):.1f} MiB"
 
 
+def check(plan: str, s: ModelShape, world: int) -> None:
+    """Refuse a plan the model's shape cannot take, with what to change."""
+    if plan not in PLANS:
+        raise TapmlError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
+    if plan == "single" and world != 1:
+        raise TapmlError(f"plan single runs on one device (got {world}); use tp, cp or hybrid for more")
+    if plan in ("tp", "hybrid") and (s.mlp % world or s.vocab % world):
+        raise TapmlError(f"{s.name}: MLP width {s.mlp} and vocabulary {s.vocab} must divide by {world} "
+                         f"devices for plan {plan}")
+    if plan == "tp":
+        if s.heads % world:
+            raise TapmlError(f"{s.name}: {s.heads} heads do not split over {world} devices; use a divisor or cp")
+        if s.kv_heads % world and world % s.kv_heads:
+            raise TapmlError(f"{s.name}: {s.kv_heads} KV heads and {world} devices: one must divide the other "
+                             "for tp; use cp or hybrid")
+
+
 def advise(s: ModelShape, context: int, *, batch: int = 1, devices: int = 8, dev: Device = DEVICES["h200"],
            dtype_bytes: int = 2, new_tokens: int = 0, eager: bool = False) -> Advice:
     """Every plan's cost, the fastest that fits on `devices` devices, and why in one paragraph. Plans are
@@ -228,8 +245,6 @@ def advise(s: ModelShape, context: int, *, batch: int = 1, devices: int = 8, dev
         if plan != "single" and devices == 1:
             continue
         try:
-            from tapml.parallel.plans import check
-
             check(plan, s, 1 if plan == "single" else devices)
         except TapmlError:
             continue

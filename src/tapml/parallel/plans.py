@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tapml.errors import TapmlError
 from tapml.parallel import cache as kvcache
 from tapml.parallel import merge as merging
-from tapml.parallel.costmodel import PLANS
+from tapml.parallel.costmodel import PLANS, check
 from tapml.parallel.models import ModelShape, materialize, skeleton
 
 
@@ -76,23 +76,6 @@ class Plan:
                 "cp": f"cache parallel ×{self.world}: weights replicated, the KV cache sharded along the sequence",
                 "hybrid": f"hybrid ×{self.world}: attention cache-parallel (weights replicated, KV sharded), "
                           "MLP and LM head tensor-parallel"}[self.name]
-
-
-def check(plan: str, s: ModelShape, world: int) -> None:
-    """Refuse a plan the model's shape cannot take, with what to change."""
-    if plan not in PLANS:
-        raise TapmlError(f"unknown plan {plan!r}; choose one of {', '.join(PLANS)}")
-    if plan == "single" and world != 1:
-        raise TapmlError(f"plan single runs on one device (got {world}); use tp, cp or hybrid for more")
-    if plan in ("tp", "hybrid") and (s.mlp % world or s.vocab % world):
-        raise TapmlError(f"{s.name}: MLP width {s.mlp} and vocabulary {s.vocab} must divide by {world} "
-                         f"devices for plan {plan}")
-    if plan == "tp":
-        if s.heads % world:
-            raise TapmlError(f"{s.name}: {s.heads} heads do not split over {world} devices; use a divisor or cp")
-        if s.kv_heads % world and world % s.kv_heads:
-            raise TapmlError(f"{s.name}: {s.kv_heads} KV heads and {world} devices: one must divide the other "
-                             "for tp; use cp or hybrid")
 
 
 def _rows(rank: int, per: int) -> slice:
