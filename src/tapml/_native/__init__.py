@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -29,6 +31,21 @@ def _cache_dir() -> Path:
     return root / f"carve_hook_{tag}"
 
 
+@contextlib.contextmanager
+def _exclusive(build: Path):
+    """Hold an flock on the build folder while torch's loader runs, and clear the loader's own `lock` file.
+    Torch takes that file on every load and waits forever for whoever made it, so a process killed while loading
+    (a kill -9, a machine restart) left every later carve hanging; an flock dies with its holder, so under ours a
+    leftover `lock` can only be stale."""
+    with open(build / ".tapml-build.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            (build / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def carve_hook():
     """Build (once, cached) and import the carving hook extension."""
     global _module, _error
@@ -37,7 +54,6 @@ def carve_hook():
     if _error is not None:
         raise RuntimeError(_error)
     try:
-        import contextlib
         import io
 
         from torch.utils.cpp_extension import load
@@ -45,7 +61,7 @@ def carve_hook():
         build = _cache_dir()
         build.mkdir(parents=True, exist_ok=True)
         log = io.StringIO()
-        with contextlib.redirect_stdout(log):
+        with _exclusive(build), contextlib.redirect_stdout(log):
             _module = load(name="tapml_carve_hook", sources=[str(_SRC)], build_directory=str(build),
                            extra_cflags=["-O2"], verbose=False)
     except Exception as e:  # no compiler, no headers, a build failure: the caller falls back

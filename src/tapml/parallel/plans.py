@@ -15,10 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tapml.errors import TapmlError
 from tapml.parallel import cache as kvcache
 from tapml.parallel import merge as merging
-from tapml.parallel.costmodel import PLANS, check
+from tapml.parallel.costmodel import check
 from tapml.parallel.models import ModelShape, materialize, skeleton
 
 
