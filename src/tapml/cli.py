@@ -263,6 +263,21 @@ def zoo() -> None:
     for spec in z.catalog():
         t.add_row(spec.name, spec.architecture, f"{spec.parameters():,}", spec.kind, spec.summary)
     out.print(t)
+    from tapml.graphpipe.models import pipe_models
+    from tapml.parallel.models import SHAPES
+
+    t = Table(title="graph-pipeline training (tapml graphpipe MODEL)", title_justify="left")
+    for c in ("name", "parameters (tiny / gpu)", "summary"):
+        t.add_column(c, justify="right" if c.startswith("param") else "left", no_wrap=c == "name")
+    for m in pipe_models():
+        t.add_row(m.name, f"{m.parameters('tiny'):,} / {m.parameters('gpu'):,}", m.summary)
+    out.print(t)
+    t = Table(title="long-context decode shapes (tapml parallel --model NAME)", title_justify="left")
+    for c in ("name", "parameters", "layers", "heads / KV heads", "summary"):
+        t.add_column(c, justify="right" if c in ("parameters", "layers") else "left", no_wrap=c == "name")
+    for s in SHAPES.values():
+        t.add_row(s.name, f"{s.params():,}", str(s.layers), f"{s.heads} / {s.kv_heads}", s.summary)
+    out.print(t)
 
 
 @app.command()
