@@ -39,7 +39,7 @@ demo: setup
 	@echo "reports: $(DEMO)/debug-webgpu.html $(DEMO)/debug-injected.html"
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
