@@ -210,6 +210,18 @@ class StaticCache(Cache):
         out.context = context
         return out
 
+    def all_lengths(self) -> list[int]:
+        """Tokens per chunk (the prefix's remainder counted in the last) on every rank, rank-major."""
+        x = self.layers[0]
+        per, n = x.pk.shape[2], x.chunks
+        mine = [per] * (n - 1) + [per + self.start]
+        group = x.group
+        if group is None:
+            return mine
+        every: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(every, mine, group=group)
+        return [v for r in every for v in r]
+
     def bytes_held(self) -> int:
         return sum(2 * (x.pk.numel() + x.tk.numel()) * x.pk.element_size() for x in self.layers)
 
@@ -373,3 +385,53 @@ def merge_seconds(layers: int, parts: int, batch: int, heads: int, head_dim: int
             fn(outs, lses)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def decode_static(job: Any, model: torch.nn.Module, dyn: kvcache.ShardedKVCache, logits: torch.Tensor,
+                  device: torch.device, rank: int) -> tuple[list[list[int]], list[float], float | None,
+                                                           StaticCache, dict[str, Any]]:
+    """The decode driver's static modes (run.DecodeJob.mode static or graph): the prefilled cache `dyn` moved
+    into a StaticCache for the context (its buffers freed), warm-up steps, the timed steps, the communication
+    share (a second graph captured without collectives) → (tokens [prefill's, then per step], seconds per
+    timed step, comm share or None, the cache, what else the result reports)."""
+    from tapml.parallel.run import PeerLost, _first_line
+
+    graph = job.mode == "graph"
+    checks = job.check_steps if graph else 0
+    comm = job.comm_steps if dist.is_initialized() and job.plan != "single" else 0
+    total = job.warmup + job.steps + comm
+    cache = StaticCache.from_cache(dyn, job.context, chunks=job.shards, steps=total + 4, merge=job.merge)
+    for layer in dyn.layers:  # the prefill's buffers, freed before the decode
+        layer.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    first = logits.argmax(-1, keepdim=True)
+    dec = Decoder(model, cache, first, total + 4)
+    extra: dict[str, Any] = {"graph_agrees_with_eager": None}
+    try:
+        if graph:
+            dec.capture()
+            if checks:
+                agree = dec.check(min(checks, total))
+                extra["graph_agrees_with_eager"] = agree == min(checks, total)
+                extra["graph_check_steps"] = min(checks, total)
+                if agree < min(checks, total):
+                    extra["graph_first_difference"] = agree
+        for _ in range(job.warmup):
+            dec.step(graph)
+        times = dec.timed(job.steps, graph)
+        share = None
+        if comm:
+            if graph:
+                dec.capture(communicate=False)
+            quiet = dec.timed(comm, graph, communicate=False)
+            if dist.is_initialized():
+                dist.barrier()
+            share = max(0.0, 1.0 - sorted(quiet)[len(quiet) // 2] / sorted(times)[len(times) // 2])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except (RuntimeError, dist.DistError) as e:
+        raise PeerLost(f"rank {rank}: static decode: {_first_line(e)}") from e
+    tokens = [first[:, 0].tolist(), *dec.tokens()[:job.warmup + job.steps]]
+    extra["merge"] = job.merge
+    return tokens, times, share, cache, extra
