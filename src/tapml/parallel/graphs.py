@@ -434,4 +434,5 @@ def decode_static(job: Any, model: torch.nn.Module, dyn: kvcache.ShardedKVCache,
         raise PeerLost(f"rank {rank}: static decode: {_first_line(e)}") from e
     tokens = [first[:, 0].tolist(), *dec.tokens()[:job.warmup + job.steps]]
     extra["merge"] = job.merge
+    kvcache._ACTIVE.set(None)  # its last layer's buffers must not outlive the run (the next cell needs the room)
     return tokens, times, share, cache, extra
