@@ -120,6 +120,8 @@ def sweep_one_device(a: argparse.Namespace) -> list[dict[str, Any]]:
                 # the least-disturbed of --repeat runs (each a median over its steps): on a shared machine the
                 # load only ever adds time, and the calibration above is a best-of too
                 r = min((run.run(job, plan=plan) for _ in range(a.repeat)), key=lambda x: x["median_s"])
+                if a.mode != "eager" and n == 1 and ctx == ctxs[0]:
+                    _against_eager(job, plan, r)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 t = r["median_s"]
@@ -152,6 +154,24 @@ def _print_row(r: dict[str, Any]) -> None:
           f"({r['pred_error']:+.0%}; nominal {r['pred_nominal_ms']:.2f})  split {so:>7}  merge "
           f"{r['merge_share']:.1%}  KV {r['kv_gib']:.2f} GiB  {r['fill']}  {r.get('mode', 'eager')}{check}",
           flush=True)
+
+
+def _against_eager(job, plan, r: dict[str, Any]) -> None:
+    """The same cell through the eager path (growing cache, fill_synthetic), once per model: its step time
+    (the host-bound baseline) and how many greedy tokens it shares with the static/graph run (the tiled cache
+    holds the same values at the same positions in both; bf16 rounding differs between their kernels, so a
+    near-tie can flip late: the count is printed, not asserted)."""
+    from dataclasses import replace
+
+    from tapml.parallel import run
+
+    e = run.run(replace(job, mode="eager"), plan=plan)
+    same = next((i for i, (x, y) in enumerate(zip(e["tokens"], r["tokens"], strict=False)) if x != y),
+                min(len(e["tokens"]), len(r["tokens"])))
+    print(f"# {job.model} {job.context}: eager path {e['median_s'] * 1e3:.2f} ms/step beside {job.mode} "
+          f"{r['median_s'] * 1e3:.2f}; greedy tokens equal for {same} of {len(r['tokens'])}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def pick_merge(a: argparse.Namespace, s, dev: torch.device, dtype: torch.dtype) -> str:

@@ -29,8 +29,7 @@ CASES = {
         "mqa-tp": {"model": MQA, "plan": "tp"},  # one KV head on all four ranks
         "mqa-cp": {"model": MQA, "plan": "cp", "form": "all-gather"},
         "mqa-hybrid": {"model": MQA, "plan": "hybrid", "placement": "contiguous"},
-        "small-hybrid-static": {"model": SMALL, "plan": "hybrid", "mode": "static"},
-        "small-tp-static": {"model": SMALL, "plan": "tp", "mode": "static"}},
+        "small-hybrid-static": {"model": SMALL, "plan": "hybrid", "mode": "static"}},
     3: {"small-cp": {"model": SMALL, "plan": "cp"},
         "small-cp-contig": {"model": SMALL, "plan": "cp", "placement": "contiguous", "form": "all-gather"},
         "mqa-cp": {"model": MQA, "plan": "cp"},

@@ -67,7 +67,7 @@ def _eager_tokens(model, ids, steps, dtype):
     return toks, kept
 
 
-@pytest.mark.parametrize("chunks", [1, 3, 4])
+@pytest.mark.parametrize("chunks", [1, 4])
 def test_static_decode_matches_the_dynamic_decode(chunks):
     """The static step (prefix in `chunks` chunks, 45 tokens: a remainder for 4 chunks lands in the tail) gives
     the eager decode's greedy tokens, and its logits within fp64 rounding of it."""
