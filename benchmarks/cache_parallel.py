@@ -11,6 +11,11 @@ side by side: time per output token (median of the decode steps), tokens/s, peak
 communication's share of the step (steps timed again without collectives), the prediction beside it, and
 greedy tokens against the single-device run (with --fill prefill, where a real context makes them mean something).
 
+On CUDA the decode runs under CUDA graphs by default (--mode graph: the static cache's step captured once and
+replayed, timed by CUDA events: the device's time; the graph's greedy tokens are checked against the same step
+run eagerly, and the first context of each model also runs the eager path, printed beside it); --eager (or
+--mode eager) keeps the growing cache issued from Python; the CPU runs eager by default, --mode static on request.
+
 Usage:
   python benchmarks/cache_parallel.py                                  # CPU, small shapes, 1k–64k
   python benchmarks/cache_parallel.py --device cuda --plot docs/cache_parallel.png     # one H200, 32k up

@@ -27,6 +27,9 @@ MODES = ("eager", "static", "graph")  # dynamic cache; static cache stepped eage
 MERGES = ("eager", "compiled")
 Merge = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _COMPILED: dict[str, Merge] = {}
+# only this thread's CUDA calls may break a capture: NCCL's watchdog thread queries events while a step with
+# collectives is captured, which the default ("global") mode would turn into a capture error
+_CAPTURE_MODE = "thread_local"
 
 
 def merge_fn(name: str) -> Merge:
@@ -274,7 +277,7 @@ class Decoder:
         torch.cuda.current_stream().wait_stream(side)
         self.restore(snap)
         graph = torch.cuda.CUDAGraph()
-        with ctx(), torch.cuda.graph(graph):
+        with ctx(), torch.cuda.graph(graph, capture_error_mode=_CAPTURE_MODE):
             self._body()
         torch.cuda.synchronize()
         self.graphs[communicate] = graph
@@ -342,7 +345,7 @@ def graph_seconds(fn: Callable[[], Any], reps: int = 20, calls: int = 1) -> floa
             fn()
     torch.cuda.current_stream().wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, capture_error_mode=_CAPTURE_MODE):
         for _ in range(calls):
             fn()
     g.replay()
