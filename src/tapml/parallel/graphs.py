@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tapml.errors import TapmlError
 from tapml.parallel import cache as kvcache
-from tapml.parallel.attention import _fold, _lse_dtype, _unfold, plain, unmasked
+from tapml.parallel.attention import _fold, _lse_dtype, _unfold, unmasked
 from tapml.parallel.merge import merge_group, merge_stacked
 
 MODES = ("eager", "static", "graph")  # dynamic cache; static cache stepped eagerly; static cache, captured step
@@ -43,30 +44,61 @@ def merge_fn(name: str) -> Merge:
     return _COMPILED[name]
 
 
+def _tail_and_merge(qf: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, visible: torch.Tensor,
+                    o_pre: torch.Tensor, lse_pre: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a step does after the prefix's kernel call, in one function so torch.compile can fuse it: the tail's
+    attention (qf [B, Hkv, G, D] over tk, tv [B, Hkv, T, D], keys where `visible` [T]; the accumulation dtype's
+    plain math, as attention.plain) and the merge of it with the prefix's N chunk results o_pre [N, B, Hkv, G, D],
+    lse_pre [N, B, Hkv, G] → (out, LSE) in the accumulation dtype."""
+    acc = lse_pre.dtype
+    scores = (qf.to(acc) @ tk.to(acc).transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, -math.inf)
+    top = torch.nan_to_num(scores.amax(-1, keepdim=True), neginf=0.0)  # no visible key: exp(−inf) = 0
+    e = torch.exp(scores - top)
+    total = e.sum(-1)
+    o_tail = (e @ tv.to(acc)) / total.clamp_min(1).unsqueeze(-1)
+    lse_tail = top.squeeze(-1) + torch.log(total)
+    return merge_stacked(torch.cat([o_pre.to(acc), o_tail.unsqueeze(0)]),
+                         torch.cat([lse_pre, lse_tail.unsqueeze(0)]))
+
+
+Finish = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def finish_fn(name: str) -> Finish:
+    """The tail's attention and the merge (_tail_and_merge) as eager ops, or fused by torch.compile."""
+    if name not in MERGES:
+        raise TapmlError(f"unknown merge {name!r}; choose one of {', '.join(MERGES)}")
+    if name == "eager":
+        return _tail_and_merge
+    key = "finish:" + name
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_tail_and_merge, fullgraph=True, dynamic=False)
+    return _COMPILED[key]
+
+
 def chunked_attention(q: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor, chunks: int, tk: torch.Tensor,
                       tv: torch.Tensor, tail_visible: torch.Tensor, scale: float, kernel: str = "auto",
-                      merge: Merge = merge_stacked) -> tuple[torch.Tensor, torch.Tensor]:
+                      finish: Finish = _tail_and_merge) -> tuple[torch.Tensor, torch.Tensor]:
     """One new token's attention over a static cache → (out [B, Hq, 1, D], LSE [B, Hq, 1]).
 
     q [B, Hq, 1, D]; the prefix pk, pv [chunks·B, Hkv, P, D] (chunk-major: chunk c of batch row b at c·B + b),
-    attended in ONE kernel call with the chunks as batch rows, giving `chunks` LSEs; the tail tk, tv [B, Hkv, T, D]
-    through the plain path with `tail_visible` [T] as its mask; then one merge of the chunks + 1 results."""
-    b, hq, lq, _d = q.shape
+    attended in ONE kernel call with the chunks as batch rows, giving `chunks` LSEs; then the tail tk, tv
+    [B, Hkv, T, D] masked by `tail_visible` [T] and one merge of the chunks + 1 results (`finish`)."""
+    b, hq, lq, d = q.shape
     if lq != 1:
         raise TapmlError("a static cache decodes one token per step; prefill into a ShardedKVCache first")
     hkv = pk.shape[1]
     acc = _lse_dtype(q)
     qf = _fold(q, hkv)  # [B, Hkv, G, D]: exact, every query sees the same keys
-    outs, lses = [], []
+    g = qf.shape[2]
     if pk.shape[2]:
         o, lse = unmasked(qf.repeat(chunks, 1, 1, 1) if chunks > 1 else qf, pk, pv, scale, kernel)
-        outs.append(o.reshape(chunks, b, *o.shape[1:]))
-        lses.append(lse.to(acc).reshape(chunks, b, *lse.shape[1:]))
-    o, lse = plain(qf, tk, tv, scale, tail_visible.unsqueeze(0).expand(qf.shape[2], -1))
-    outs.append(o.unsqueeze(0))
-    lses.append(lse.to(acc).unsqueeze(0))
-    out, merged = merge(torch.cat(outs), torch.cat(lses))
-    return _unfold(out, merged.to(acc), hq, lq)
+        o_pre, lse_pre = o.reshape(chunks, b, hkv, g, d), lse.to(acc).reshape(chunks, b, hkv, g)
+    else:  # no prefix (a context shorter than the chunks): the tail holds it all
+        o_pre, lse_pre = qf.new_zeros(0, b, hkv, g, d), torch.zeros(0, b, hkv, g, dtype=acc, device=q.device)
+    out, merged = finish(qf, tk, tv, tail_visible, o_pre, lse_pre, scale)
+    return _unfold(out.to(q.dtype), merged, hq, lq)
 
 
 def _tile(dst: torch.Tensor, src: torch.Tensor, start: int) -> None:
@@ -97,12 +129,12 @@ class StaticLayer(CacheLayerMixin):
 
     def __init__(self, pk: torch.Tensor, pv: torch.Tensor, chunks: int, tk: torch.Tensor, tv: torch.Tensor,
                  length: torch.Tensor, mine: torch.Tensor, clock: _Clock, *, group: dist.ProcessGroup | None,
-                 form: str, kernel: str, merge: Merge) -> None:
+                 form: str, kernel: str, finish: Finish) -> None:
         super().__init__()
         self.pk, self.pv, self.chunks, self.tk, self.tv = pk, pv, chunks, tk, tv
         self.length, self.mine, self.clock = length, mine, clock
         self.slots = torch.arange(tk.shape[2], device=tk.device)
-        self.group, self.form, self.kernel, self.merge = group, form, kernel, merge
+        self.group, self.form, self.kernel, self.finish = group, form, kernel, finish
         self.keys, self.values, self.is_initialized = tk, tv, True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -121,7 +153,7 @@ class StaticLayer(CacheLayerMixin):
     def attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         visible = self.mine & (self.slots <= self.length)
         out, lse = chunked_attention(query, self.pk, self.pv, self.chunks, self.tk, self.tv, visible, scaling,
-                                     self.kernel, self.merge)
+                                     self.kernel, self.finish)
         if self.group is not None:
             out, lse = merge_group(out, lse, self.group, self.form)
         return out
@@ -193,7 +225,7 @@ class StaticCache(Cache):
         length = torch.full((1,), rem, dtype=torch.long, device=dev)
         owners = [dyn.placement.owner(context + j - rem) == rank for j in range(rem, tail)]
         mine = torch.tensor([True] * rem + owners, dtype=torch.bool, device=dev)
-        clock, fn = _Clock(context), merge_fn(merge)
+        clock, fn = _Clock(context), finish_fn(merge)
         layers = []
         for layer in dyn.layers:
             src_k, src_v = layer.shards[rank].keys, layer.shards[rank].values
@@ -208,7 +240,7 @@ class StaticCache(Cache):
                 _tile(tk[:, :, :rem], src_k, chunks * per)
                 _tile(tv[:, :, :rem], src_v, chunks * per)
             layers.append(StaticLayer(pk, pv, chunks, tk, tv, length, mine, clock, group=dyn.group,
-                                      form=layer.form, kernel=layer.kernel, merge=fn))
+                                      form=layer.form, kernel=layer.kernel, finish=fn))
         out = cls(layers, length, clock, tail)
         out.context = context
         return out
