@@ -33,12 +33,22 @@ _COMPILED: dict[str, Merge] = {}
 _CAPTURE_MODE = "thread_local"
 
 
+def _room_for_shapes() -> None:
+    """A sweep compiles one variant per (chunks, head layout, tail): more than dynamo's default 8 per function."""
+    import torch._dynamo.config as cfg
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, knob):
+            setattr(cfg, knob, max(getattr(cfg, knob), 64))
+
+
 def merge_fn(name: str) -> Merge:
     """The stacked merge as a handful of eager ops, or fused by torch.compile (CUDA only: compiled once)."""
     if name not in MERGES:
         raise TapmlError(f"unknown merge {name!r}; choose one of {', '.join(MERGES)}")
     if name == "eager":
         return merge_stacked
+    _room_for_shapes()
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(merge_stacked, fullgraph=True, dynamic=False)
     return _COMPILED[name]
@@ -72,6 +82,7 @@ def finish_fn(name: str) -> Finish:
     if name == "eager":
         return _tail_and_merge
     key = "finish:" + name
+    _room_for_shapes()
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(_tail_and_merge, fullgraph=True, dynamic=False)
     return _COMPILED[key]
