@@ -434,14 +434,12 @@ def merge_seconds(layers: int, parts: int, batch: int, heads: int, head_dim: int
 
 
 def decode_static(job: Any, model: torch.nn.Module, dyn: kvcache.ShardedKVCache, logits: torch.Tensor,
-                  device: torch.device, rank: int) -> tuple[list[list[int]], list[float], float | None,
+                  device: torch.device) -> tuple[list[list[int]], list[float], float | None,
                                                            StaticCache, dict[str, Any]]:
     """The decode driver's static modes (run.DecodeJob.mode static or graph): the prefilled cache `dyn` moved
     into a StaticCache for the context (its buffers freed), warm-up steps, the timed steps, the communication
     share (a second graph captured without collectives) → (tokens [prefill's, then per step], seconds per
     timed step, comm share or None, the cache, what else the result reports)."""
-    from tapml.parallel.run import PeerLost, _first_line
-
     graph = job.mode == "graph"
     checks = job.check_steps if graph else 0
     comm = job.comm_steps if dist.is_initialized() and job.plan != "single" else 0
@@ -454,30 +452,28 @@ def decode_static(job: Any, model: torch.nn.Module, dyn: kvcache.ShardedKVCache,
     first = logits.argmax(-1, keepdim=True)
     dec = Decoder(model, cache, first, total + 4)
     extra: dict[str, Any] = {"graph_agrees_with_eager": None}
-    try:
+    # a failed collective raises RuntimeError or DistError here: the driver (run.py) names the lost peer
+    if graph:
+        dec.capture()
+        if checks:
+            agree = dec.check(min(checks, total))
+            extra["graph_agrees_with_eager"] = agree == min(checks, total)
+            extra["graph_check_steps"] = min(checks, total)
+            if agree < min(checks, total):
+                extra["graph_first_difference"] = agree
+    for _ in range(job.warmup):
+        dec.step(graph)
+    times = dec.timed(job.steps, graph)
+    share = None
+    if comm:
         if graph:
-            dec.capture()
-            if checks:
-                agree = dec.check(min(checks, total))
-                extra["graph_agrees_with_eager"] = agree == min(checks, total)
-                extra["graph_check_steps"] = min(checks, total)
-                if agree < min(checks, total):
-                    extra["graph_first_difference"] = agree
-        for _ in range(job.warmup):
-            dec.step(graph)
-        times = dec.timed(job.steps, graph)
-        share = None
-        if comm:
-            if graph:
-                dec.capture(communicate=False)
-            quiet = dec.timed(comm, graph, communicate=False)
-            if dist.is_initialized():
-                dist.barrier()
-            share = max(0.0, 1.0 - sorted(quiet)[len(quiet) // 2] / sorted(times)[len(times) // 2])
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    except (RuntimeError, dist.DistError) as e:
-        raise PeerLost(f"rank {rank}: static decode: {_first_line(e)}") from e
+            dec.capture(communicate=False)
+        quiet = dec.timed(comm, graph, communicate=False)
+        if dist.is_initialized():
+            dist.barrier()
+        share = max(0.0, 1.0 - sorted(quiet)[len(quiet) // 2] / sorted(times)[len(times) // 2])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     tokens = [first[:, 0].tolist(), *dec.tokens()[:job.warmup + job.steps]]
     extra["merge"] = job.merge
     kvcache._ACTIVE.set(None)  # its last layer's buffers must not outlive the run (the next cell needs the room)

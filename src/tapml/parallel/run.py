@@ -234,7 +234,10 @@ def run(job: DecodeJob, plan: plans.Plan | None = None) -> dict[str, Any]:
         if job.mode != "eager":
             from tapml.parallel.graphs import decode_static
 
-            tokens, times, comm, cache, extra = decode_static(job, plan.model, cache, logits, device, rank)
+            try:
+                tokens, times, comm, cache, extra = decode_static(job, plan.model, cache, logits, device)
+            except (RuntimeError, dist.DistError) as e:
+                raise PeerLost(f"rank {rank}: static decode: {_first_line(e)}") from e
             result.update(extra)
             median = statistics.median(times)
         else:
