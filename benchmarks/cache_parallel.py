@@ -11,6 +11,11 @@ side by side: time per output token (median of the decode steps), tokens/s, peak
 communication's share of the step (steps timed again without collectives), the prediction beside it, and
 greedy tokens against the single-device run (with --fill prefill, where a real context makes them mean something).
 
+On CUDA the decode runs under CUDA graphs by default (--mode graph: the static cache's step captured once and
+replayed, timed by CUDA events: the device's time; the graph's greedy tokens are checked against the same step
+run eagerly, and the first context of each model also runs the eager path, printed beside it); --eager (or
+--mode eager) keeps the growing cache issued from Python; the CPU runs eager by default, --mode static on request.
+
 Usage:
   python benchmarks/cache_parallel.py                                  # CPU, small shapes, 1k–64k
   python benchmarks/cache_parallel.py --device cuda --plot docs/cache_parallel.png     # one H200, 32k up
@@ -36,6 +41,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GPU_MODELS, CPU_MODELS = "llama3-8b,llama3-8b-mqa", "llama3-8b-small,llama3-8b-mqa-small"
+MODES = {"eager": "growing cache, every kernel issued from Python: host time included",
+         "static": "static cache stepped from Python: host time included",
+         "graph": "static cache, one captured CUDA graph replayed per step: device time, CUDA events"}
 
 
 def _sync(dev: torch.device) -> None:
@@ -43,10 +51,16 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def merge_seconds(s, chunks: int, dev: torch.device, dtype: torch.dtype, batch: int, reps: int = 20) -> float:
-    """The merge alone, as one decode step does it: `layers` merges of `chunks` (out, LSE) pairs."""
+def merge_seconds(s, chunks: int, dev: torch.device, dtype: torch.dtype, batch: int, reps: int = 20,
+                  mode: str = "eager", merge_impl: str = "eager") -> float:
+    """The merge alone, as one decode step does it: `layers` merges of `chunks` (out, LSE) pairs (eager mode),
+    or of `chunks` + 1 stacked ones (the static cache's chunks and its tail) in a captured graph on CUDA."""
     from tapml.parallel.merge import merge
 
+    if mode != "eager":
+        from tapml.parallel.graphs import merge_seconds as static_merge
+
+        return static_merge(s.layers, chunks + 1, batch, s.heads, s.head_dim, dev, dtype, merge_impl, reps)
     if chunks == 1:
         return 0.0
     outs = [torch.randn(batch, s.heads, 1, s.head_dim, device=dev).to(dtype) for _ in range(chunks)]
@@ -85,7 +99,7 @@ def sweep_one_device(a: argparse.Namespace) -> list[dict[str, Any]]:
         t0 = time.perf_counter()
         plan = plans.build("single", s, device=dev, dtype=dtype, kernel=a.kernel)
         built = time.perf_counter() - t0
-        base = run.DecodeJob(name, layers=a.layers, device=a.device, dtype=a.dtype, kernel=a.kernel)
+        base = run.DecodeJob(name, layers=a.layers, device=a.device, dtype=a.dtype, kernel=a.kernel, mode=a.mode)
         cal = run.calibrate(base, s, dev, 1)
         devs = {"nominal": costmodel.DEVICES["h200" if a.device == "cuda" else "cpu"]}
         devs["calibrated"] = costmodel.calibrated(devs["nominal"], cal)
@@ -95,22 +109,31 @@ def sweep_one_device(a: argparse.Namespace) -> list[dict[str, Any]]:
               f"KV via attention {cal['kv_bytes_per_s'] / 1e9:.1f} GB/s, eager floor "
               f"{cal['host_s_per_layer'] * 1e6:.0f} µs/layer + {cal['host_s_per_step'] * 1e6:.0f} µs/step; "
               f"contexts {ctxs}", flush=True)
+        if a.mode == "graph":
+            print(f"# {name}: under CUDA graphs the floor above is the device's (a captured step of a 2- and a "
+                  f"4-layer model of this head layout, nothing to read): {cal['kernel_latency_s'] * 1e6:.2f} µs per "
+                  f"kernel (a captured chain of tiny kernels), so ~{cal['kernels_per_layer']:.0f} kernels/layer",
+                  flush=True)
+        merge_impl = pick_merge(a, s, dev, dtype)
         for ctx in ctxs:
             base_t = None
             for n in a.chunks:
                 job = run.DecodeJob(name, context=ctx, steps=a.steps, batch=a.batch, layers=a.layers,
                                     device=a.device, dtype=a.dtype, kernel=a.kernel, shards=n, chunk=a.chunk,
-                                    fill=a.fill, prefill_max=a.prefill_max, warmup=3, comm_steps=0)
+                                    fill=a.fill, prefill_max=a.prefill_max, warmup=3, comm_steps=0,
+                                    mode=a.mode, merge=merge_impl)
                 # the least-disturbed of --repeat runs (each a median over its steps): on a shared machine the
                 # load only ever adds time, and the calibration above is a best-of too
                 r = min((run.run(job, plan=plan) for _ in range(a.repeat)), key=lambda x: x["median_s"])
+                if a.mode != "eager" and n == 1 and ctx == ctxs[0]:
+                    _against_eager(job, plan, r)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 t = r["median_s"]
                 base_t = t if n == 1 else base_t
                 pred = {k: costmodel.estimate("single", s, ctx, batch=a.batch, dev=d, dtype_bytes=dtype.itemsize,
                                               new_tokens=a.steps + 3, chunk=a.chunk) for k, d in devs.items()}
-                merge_s = merge_seconds(s, n, dev, dtype, a.batch)
+                merge_s = merge_seconds(s, n, dev, dtype, a.batch, mode=a.mode, merge_impl=merge_impl)
                 rows.append({
                     "model": name, "layers": s.layers, "context": ctx, "chunks": n, "fill": r["fill"],
                     "step_ms": t * 1e3, "tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_bytes"] / 2**30,
@@ -118,7 +141,8 @@ def sweep_one_device(a: argparse.Namespace) -> list[dict[str, Any]]:
                     "merge_share": merge_s / t, "pred_nominal_ms": pred["nominal"].t_step * 1e3,
                     "pred_ms": pred["calibrated"].t_step * 1e3,
                     "pred_error": pred["calibrated"].t_step / t - 1,
-                    "kv_gib": pred["calibrated"].kv_bytes / 2**30, "device": str(dev),
+                    "kv_gib": pred["calibrated"].kv_bytes / 2**30, "device": str(dev), "mode": a.mode,
+                    "merge": merge_impl, "graph_agrees_with_eager": r.get("graph_agrees_with_eager"),
                     "calibration": cal})
                 _print_row(rows[-1])
         del plan
@@ -129,9 +153,50 @@ def sweep_one_device(a: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _print_row(r: dict[str, Any]) -> None:
     so = "—" if r["split_overhead"] is None else f"{r['split_overhead']:+.1%}"
+    agree = r.get("graph_agrees_with_eager")
+    check = "" if agree is None else ("  graph=eager tokens" if agree else "  GRAPH TOKENS DIFFER FROM EAGER")
     print(f"{r['model']:>20} {r['context']:>9} x{r['chunks']:<2} {r['step_ms']:9.2f} ms  pred {r['pred_ms']:8.2f} "
           f"({r['pred_error']:+.0%}; nominal {r['pred_nominal_ms']:.2f})  split {so:>7}  merge "
-          f"{r['merge_share']:.1%}  KV {r['kv_gib']:.2f} GiB  {r['fill']}", flush=True)
+          f"{r['merge_share']:.1%}  KV {r['kv_gib']:.2f} GiB  {r['fill']}  {r.get('mode', 'eager')}{check}",
+          flush=True)
+
+
+def _against_eager(job, plan, r: dict[str, Any]) -> None:
+    """The same cell through the eager path (growing cache, fill_synthetic), once per model: its step time
+    (the host-bound baseline) and how many greedy tokens it shares with the static/graph run (the tiled cache
+    holds the same values at the same positions in both; bf16 rounding differs between their kernels, so a
+    near-tie can flip late: the count is printed, not asserted)."""
+    from dataclasses import replace
+
+    from tapml.parallel import run
+
+    e = run.run(replace(job, mode="eager"), plan=plan)
+    same = next((i for i, (x, y) in enumerate(zip(e["tokens"], r["tokens"], strict=False)) if x != y),
+                min(len(e["tokens"]), len(r["tokens"])))
+    print(f"# {job.model} {job.context}: eager path {e['median_s'] * 1e3:.2f} ms/step beside {job.mode} "
+          f"{r['median_s'] * 1e3:.2f}; greedy tokens equal for {same} of {len(r['tokens'])}", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pick_merge(a: argparse.Namespace, s, dev: torch.device, dtype: torch.dtype) -> str:
+    """--merge auto: on CUDA under graphs, each merge's captured time at the widest split, the faster kept
+    (the compiled one only if torch.compile works here); eager ops elsewhere."""
+    if a.merge != "auto":
+        return a.merge
+    if a.mode != "graph":
+        return "eager"
+    widest = max(a.chunks)
+    times = {}
+    for impl in ("eager", "compiled"):
+        try:
+            times[impl] = merge_seconds(s, widest, dev, dtype, a.batch, mode=a.mode, merge_impl=impl)
+        except Exception as e:  # a compiler missing or failing here leaves the eager merge
+            print(f"# merge {impl}: unavailable ({str(e).splitlines()[0][:120]})", flush=True)
+    best = min(times, key=times.get)
+    print(f"# merge of {widest}+1 parts × {s.layers} layers in a captured graph: "
+          + ", ".join(f"{k} {v * 1e6:.1f} µs" for k, v in times.items()) + f"; kept {best}", flush=True)
+    return best
 
 
 def sweep_plans(a: argparse.Namespace) -> list[dict[str, Any]]:
@@ -145,7 +210,8 @@ def sweep_plans(a: argparse.Namespace) -> list[dict[str, Any]]:
             for plan in a.plans.split(","):
                 args = ["--context", str(ctx), "--device", a.device, "--dtype", a.dtype, "--steps", str(a.steps),
                         "--batch", str(a.batch), "--chunk", str(a.chunk), "--fill", a.fill, "--prefill-max",
-                        str(a.prefill_max), "--kernel", a.kernel, "--calibrate", "--timeout-s", str(a.timeout)]
+                        str(a.prefill_max), "--kernel", a.kernel, "--calibrate", "--timeout-s", str(a.timeout),
+                        "--mode", a.mode, "--merge", "eager" if a.merge == "auto" else a.merge]
                 if a.layers:
                     args += ["--layers", str(a.layers)]
                 try:
@@ -159,7 +225,10 @@ def sweep_plans(a: argparse.Namespace) -> list[dict[str, Any]]:
                 if plan == "single":
                     ref_tokens = toks
                 same = None
-                if ref_tokens is not None and r["fill"] == "prefill":
+                # tile fills repeat the same real tokens at the same global positions in every plan (and mode),
+                # so the tokens compare under tile too; with random weights and bf16, a plan's other reduction
+                # order can flip a near-tie: the first differing step is what is printed
+                if ref_tokens is not None:
                     same = next((i for i, (x, y) in enumerate(zip(toks, ref_tokens)) if x != y), len(toks))
                 pred = r["predicted"].get("calibrated", r["predicted"]["nominal"])
                 rows.append({
@@ -169,12 +238,17 @@ def sweep_plans(a: argparse.Namespace) -> list[dict[str, Any]]:
                     "comm_share": r["comm_share"], "pred_ms": pred["t_step"] * 1e3,
                     "pred_device_ms": pred["t_device"] * 1e3, "pred_error": pred["t_step"] / r["median_s"] - 1,
                     "tokens_match_single": same, "ranks_agree": r["ranks_agree"], "fill": r["fill"],
+                    "mode": r.get("mode", "eager"), "graph_agrees_with_eager": r.get("graph_agrees_with_eager"),
+                    "memory_gib_predicted": pred["memory_bytes"] / 2**30,
                     "calibration": r.get("calibration")})
                 x = rows[-1]
                 cs = "—" if x["comm_share"] is None else f"{x['comm_share']:.0%}"
                 print(f"{name:>20} {ctx:>9} {plan:>7} x{x['devices']} {x['step_ms']:9.2f} ms/token  "
                       f"{x['tokens_per_s']:8.1f} tok/s  pred {x['pred_ms']:.2f} ({x['pred_error']:+.0%})  comm {cs}"
-                      f"  peak {x['peak_gib']:.2f} GiB  same tokens as single: {same}  {x['fill']}", flush=True)
+                      f"  peak {x['peak_gib']:.2f} GiB/GPU  tokens equal to single's for {same} of "
+                      f"{len(toks)}  {x['fill']}  {x['mode']}"
+                      + ("" if x["graph_agrees_with_eager"] in (None, True) else "  GRAPH TOKENS DIFFER FROM EAGER"),
+                      flush=True)
     return rows
 
 
@@ -294,6 +368,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="cut the models to this many layers")
     ap.add_argument("--dtype", default=None, help="bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--kernel", default="auto")
+    ap.add_argument("--mode", default=None, choices=["eager", "static", "graph"],
+                    help="graph (cuda default): the static cache's step captured as a CUDA graph and replayed; "
+                         "static: the same step eagerly; eager (cpu default): the growing cache")
+    ap.add_argument("--eager", action="store_true", help="shorthand for --mode eager")
+    ap.add_argument("--merge", default="auto", choices=["auto", "eager", "compiled"],
+                    help="the static cache's merge; auto: the faster in a captured graph (cuda), eager elsewhere")
     ap.add_argument("--fill", default="tile", choices=["tile", "prefill"])
     ap.add_argument("--prefill-max", default=None, help="real tokens before tiling (4k on cuda, 1k on cpu)")
     ap.add_argument("--chunk", default="2k", help="prefill chunk")
@@ -312,6 +392,9 @@ def main() -> None:
     a.dtype = a.dtype or ("bfloat16" if gpu else "float32")
     a.steps = a.steps or (64 if gpu else 16)
     a.repeat = a.repeat or (1 if gpu else 3)
+    a.mode = "eager" if a.eager else (a.mode or ("graph" if gpu else "eager"))
+    if a.mode == "graph" and not gpu:
+        sys.exit("--mode graph captures CUDA graphs: add --device cuda, or use --mode static on the CPU")
     a.chunk = parse_tokens(a.chunk)
     a.prefill_max = parse_tokens(a.prefill_max or ("4k" if gpu else "1k"))
     default_ctx = "32k,64k,128k,256k,512k,768k,1M,2M,4M,6M" if gpu else "1k,4k,16k,64k"
@@ -322,7 +405,8 @@ def main() -> None:
     if gpu and not torch.cuda.is_available():
         sys.exit("--device cuda: torch sees no GPU here")
     print(f"# torch {torch.__version__}, {torch.cuda.get_device_name(0) if gpu else 'CPU'}, {a.dtype}, "
-          f"threads {torch.get_num_threads()}, fill {a.fill} (prefill-max {a.prefill_max})", flush=True)
+          f"threads {torch.get_num_threads()}, fill {a.fill} (prefill-max {a.prefill_max}), decode mode {a.mode} "
+          f"({MODES[a.mode]})", flush=True)
     if not a.plans:  # every kernel's LSE against float64 on this device, before any is trusted
         from tapml.parallel.attention import check_kernels
 
@@ -350,6 +434,8 @@ def _summary(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
     errs = [abs(r["pred_error"]) for r in judged]
     print(f"# analytic model: median |error| {statistics.median(errs):.0%}, max {max(errs):.0%} over {len(judged)} "
           f"cells{'' if a.plans else ' (whole cache)'} (goal: within 15%)")
+    if a.plans:
+        _plans_summary(rows)
     if not a.plans:
         long = [r for r in ok if r["context"] >= 128 * 1024 and r["chunks"] > 1]
         if long:
@@ -357,6 +443,28 @@ def _summary(rows: list[dict[str, Any]], a: argparse.Namespace) -> None:
             print(f"# merge alone at ≥128k: at most {worst['merge_share']:.1%} of the step ({worst['model']}, "
                   f"{worst['context']}, {worst['chunks']} chunks); split overhead at ≥128k: "
                   f"{max(r['split_overhead'] for r in long):+.1%} at most (goal: merge ≤ 3%)")
+
+
+
+def _plans_summary(rows: list[dict[str, Any]]) -> None:
+    """Per model: the fastest plan at each context (measured, and the model's pick beside it), and the longest
+    context each plan ran; a cell that failed (out of memory, a refusal) is named."""
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        wins = []
+        for ctx in sorted({r["context"] for r in mine}):
+            cells = [r for r in mine if r["context"] == ctx and "error" not in r]
+            if cells:
+                best = min(cells, key=lambda r: r["step_ms"])
+                pred = min(cells, key=lambda r: r["pred_ms"])
+                wins.append(f"{ctx}: {best['plan']} ({best['step_ms']:.2f} ms; model picks {pred['plan']})")
+        print(f"# {model}: fastest plan per context: " + "; ".join(wins or ["none ran"]))
+        longest = {}
+        for plan in dict.fromkeys(r["plan"] for r in mine):
+            ran = [r["context"] for r in mine if r["plan"] == plan and "error" not in r]
+            failed = [r["context"] for r in mine if r["plan"] == plan and "error" in r]
+            longest[plan] = (f"{max(ran)}" if ran else "none") + (f" (failed at {min(failed)})" if failed else "")
+        print(f"# {model}: longest context run per plan: " + ", ".join(f"{k} {v}" for k, v in longest.items()))
 
 
 if __name__ == "__main__":

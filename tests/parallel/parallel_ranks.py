@@ -43,11 +43,14 @@ def main() -> None:
     rank, world, _ = run.init(run.DecodeJob("llama3-8b-small", timeout_s=60))
     report = {"merge": merge_errors(rank, world), "runs": {}}
     for name, case in cases.items():
-        job = run.DecodeJob(case.pop("model"), context=45, steps=32, generate=True, timeout_s=60,
-                            save_logits=str(out_dir / f"{name}.pt"), **case)
+        if case.get("mode", "eager") == "eager":  # transformers' generate() over the growing cache
+            job = run.DecodeJob(case.pop("model"), context=45, steps=32, generate=True, timeout_s=60,
+                                save_logits=str(out_dir / f"{name}.pt"), **case)
+        else:  # the static cache's own decode loop: the prefill's token, 2 warm-up steps, 29 timed ones
+            job = run.DecodeJob(case.pop("model"), context=45, steps=29, timeout_s=60, comm_steps=2, **case)
         r = run.run(job)
-        report["runs"][name] = {k: r[k] for k in ("tokens", "ranks_agree", "shard_lengths", "plan", "world",
-                                                         "params_held")}
+        report["runs"][name] = {k: r.get(k) for k in ("tokens", "ranks_agree", "shard_lengths", "plan", "world",
+                                                         "params_held", "comm_share")}
     if rank == 0:
         (out_dir / "report.json").write_text(json.dumps(report))
     dist.destroy_process_group()

@@ -28,10 +28,14 @@ CASES = {
         "small-hybrid": {"model": SMALL, "plan": "hybrid"},
         "mqa-tp": {"model": MQA, "plan": "tp"},  # one KV head on all four ranks
         "mqa-cp": {"model": MQA, "plan": "cp", "form": "all-gather"},
-        "mqa-hybrid": {"model": MQA, "plan": "hybrid", "placement": "contiguous"}},
+        "mqa-hybrid": {"model": MQA, "plan": "hybrid", "placement": "contiguous"},
+        "small-hybrid-static": {"model": SMALL, "plan": "hybrid", "mode": "static"}},
     3: {"small-cp": {"model": SMALL, "plan": "cp"},
         "small-cp-contig": {"model": SMALL, "plan": "cp", "placement": "contiguous", "form": "all-gather"},
-        "mqa-cp": {"model": MQA, "plan": "cp"}},
+        "mqa-cp": {"model": MQA, "plan": "cp"},
+        # the static cache over a group: 15 prefix tokens per rank, every new token written in each rank's
+        # tail and visible only on its owner (interleaved)
+        "mqa-cp-static": {"model": MQA, "plan": "cp", "mode": "static"}},
 }
 
 
@@ -67,6 +71,9 @@ def test_plans_decode_the_single_run_tokens_and_logits(ranks, tmp_path, referenc
         ref, oracle = references[case["model"]][torch.float32], references[case["model"]][torch.float64]
         assert got["world"] == ranks and got["ranks_agree"], (name, got)
         assert [t[0] for t in got["tokens"]] == ref.sequences[0, 45:].tolist(), name
+        if case.get("mode") == "static":
+            assert sum(got["shard_lengths"]) == 45 and got["comm_share"] is not None, (name, got)
+            continue
         logits = torch.load(tmp_path / f"{name}.pt")  # [batch, steps, vocab]
         for step in range(32):
             v = compare_tensor(logits[:, step], ref.logits[step], oracle.logits[step])

@@ -73,7 +73,8 @@ def render_decode(r: dict[str, Any]) -> Table:
     job, pred = r["job"], r["predicted"]
     best = pred.get("calibrated", pred["nominal"])
     t = Table(title=f"{job['model']} · {r['plan']} · context {job['context']} · batch {job['batch']} · "
-                    f"{job['device']} {job['dtype']}")
+                    f"{job['device']} {job['dtype']} · {job.get('mode', 'eager')}"
+                    + ("" if r.get("graph_agrees_with_eager") in (None, True) else " · GRAPH TOKENS DIFFER FROM EAGER"))
     for col in ("measured ms/step", "predicted ms/step", "predicted/measured", "tokens/s", "comm share",
                 "peak memory/device", "KV per shard", "fill"):
         t.add_column(col, justify="right")
@@ -102,6 +103,9 @@ def decode(model: str = typer.Argument(..., help=MODELS_HELP),
            prefill_max: str = typer.Option("32k", help="real tokens prefilled with --fill tile"),
            chunk: str = typer.Option("2k", help="prefill chunk"),
            calibrate: bool = typer.Option(True, help="measure this machine for the prediction"),
+           mode: str = typer.Option("", help="eager (growing cache, steps issued from Python), static (the "
+                                             "preallocated cache, eagerly) or graph (its step captured as a CUDA "
+                                             "graph: the device's time); default graph on cuda, eager on cpu"),
            json_out: str | None = typer.Option(None, "--json", help="write the full result here")) -> None:
     """Run MODEL under a plan on N processes through torchrun, time its decode steps, print the analytic
     model's prediction beside the measurement."""
@@ -121,7 +125,7 @@ def decode(model: str = typer.Argument(..., help=MODELS_HELP),
     args = ["--context", str(models.parse_tokens(context)), "--device", device, "--dtype", dtype,
             "--steps", str(steps), "--batch", str(batch), "--placement", placement, "--form", form,
             "--fill", fill, "--prefill-max", str(models.parse_tokens(prefill_max)),
-            "--chunk", str(models.parse_tokens(chunk))]
+            "--chunk", str(models.parse_tokens(chunk)), "--mode", mode or ("graph" if device == "cuda" else "eager")]
     if layers is not None:
         args += ["--layers", str(layers)]
     if calibrate:

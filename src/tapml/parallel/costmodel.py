@@ -102,7 +102,8 @@ def measure(torch_device: str = "cpu", dtype: str = "float32", mib: int | None =
 
 def calibrated(base: Device, measured: dict[str, float]) -> Device:
     """`base` with what was measured on the machine put in (bandwidth as reached, so efficiency 1)."""
-    keys = {k: v for k, v in measured.items() if k in Device.__dataclass_fields__ and v}
+    # a measured 0 (no per-step floor) or False (no overlap: the static modes) is a measurement too
+    keys = {k: v for k, v in measured.items() if k in Device.__dataclass_fields__ and v is not None}
     if "hbm_bytes_per_s" in keys:
         keys["bw_efficiency"] = 1.0
     return replace(base, **keys, calibrated="measured: " + ", ".join(sorted(keys)))

@@ -65,6 +65,11 @@ class DecodeJob:
     save_logits: str | None = None
     die_at: int | None = None  # fault injection for tests: the last rank fails at this decode step,
     die_how: str = "vanish"  # by exiting without a word (vanish) or by stopping to answer (stall)
+    # eager: the growing cache, every step issued from Python; static: the preallocated cache (graphs.py) stepped
+    # eagerly; graph: the static step captured once as a CUDA graph and replayed (the device's time)
+    mode: str = "eager"
+    merge: str = "eager"  # the static cache's merge of its chunks: eager ops, or compiled (CUDA)
+    check_steps: int = 8  # graph mode: steps decoded both eagerly and by replay from one state, tokens compared
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -78,6 +83,12 @@ class DecodeJob:
             raise TapmlError("--shards splits the cache on one device (plan single); other plans shard by rank")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise TapmlError("--device cuda but torch sees no GPU here; use --device cpu")
+        if self.mode not in ("eager", "static", "graph"):
+            raise TapmlError(f"unknown --mode {self.mode!r}; choose eager, static or graph")
+        if self.mode == "graph" and self.device != "cuda":
+            raise TapmlError("--mode graph captures CUDA graphs; on the CPU use --mode static or eager")
+        if self.mode != "eager" and (self.generate or self.save_logits or self.die_at is not None):
+            raise TapmlError("--generate, --save-logits and --die-at run the eager decode; add --mode eager")
 
 
 def init(job: DecodeJob) -> tuple[int, int, torch.device]:
@@ -106,6 +117,8 @@ def _sync(device: torch.device) -> None:
 
 def _bytes_held(model: torch.nn.Module, cache: Any) -> int:
     n = sum(p.numel() * p.element_size() for p in model.parameters())
+    if hasattr(cache, "bytes_held"):  # a static cache
+        return n + cache.bytes_held()
     for layer in cache.layers:
         for sh in layer.shards.values():
             if sh.k is not None:
@@ -120,14 +133,16 @@ def forward(model: torch.nn.Module, ids: torch.Tensor, cache: Any) -> torch.Tens
 
 def _prefill(job: DecodeJob, model: torch.nn.Module, cache: Any, ids: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Run the context through the model in chunks; with fill=tile only the first `prefill_max` tokens are
-    real and the cache is then filled to the context by repeating them (timing only)."""
+    real and the cache is then filled to the context by repeating them (timing only; the static modes repeat
+    them into their own buffers, graphs.StaticCache.from_cache, at the same positions)."""
     real = ids.shape[1] if job.fill == "prefill" else min(ids.shape[1], job.prefill_max)
     logits = None
     for i in range(0, real, job.chunk):
         logits = forward(model, ids[:, i:min(i + job.chunk, real)], cache)
     how = "prefill"
     if real < ids.shape[1]:
-        cache.fill_synthetic(ids.shape[1])
+        if job.mode == "eager":
+            cache.fill_synthetic(ids.shape[1])
         how = f"tile({real} real)"
     return logits, how
 
@@ -196,8 +211,12 @@ def run(job: DecodeJob, plan: plans.Plan | None = None) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)  # this run's peak, not an earlier run's in this process
     ids = models.context_ids(job.context, shape.vocab, job.batch).to(device)
     capacity = job.capacity or job.context + job.warmup + job.steps + job.comm_steps
-    cache = plan.make_cache(capacity=capacity, placement=job.placement, form=job.form, kernel=job.kernel,
-                            **({"shards": job.shards} if job.shards > 1 else {}))
+    if job.mode == "eager":
+        cache = plan.make_cache(capacity=capacity, placement=job.placement, form=job.form, kernel=job.kernel,
+                                **({"shards": job.shards} if job.shards > 1 else {}))
+    else:  # the prefill's cache, one shard per process, sized by its growth; graphs.StaticCache takes it over
+        cache = plan.make_cache(placement="interleaved" if world == 1 else job.placement, form=job.form,
+                                kernel=job.kernel)
     result: dict[str, Any] = {"job": asdict(job), "plan": plan.describe(), "world": world,
                               "shape": asdict(shape), "build_s": build_s,
                               "params_held": sum(p.numel() for p in plan.model.parameters())}
@@ -211,13 +230,24 @@ def run(job: DecodeJob, plan: plans.Plan | None = None) -> dict[str, Any]:
             _sync(device)
         except (RuntimeError, dist.DistError) as e:
             raise PeerLost(f"rank {rank}: prefill: {_first_line(e)}") from e
-        result.update(prefill_s=time.perf_counter() - t0, fill=how)
-        tokens, times, kept = _decode(job, plan.model, cache, logits.argmax(-1, keepdim=True), device, rank, world)
-        if job.save_logits:
-            kept.insert(0, logits.float().cpu())
-        median = statistics.median(times)
-        last = torch.tensor([tokens[-1]], device=device).T
-        comm = _comm_share(job, plan.model, cache, last, device, median)
+        result.update(prefill_s=time.perf_counter() - t0, fill=how, mode=job.mode)
+        if job.mode != "eager":
+            from tapml.parallel.graphs import decode_static
+
+            try:
+                tokens, times, comm, cache, extra = decode_static(job, plan.model, cache, logits, device)
+            except (RuntimeError, dist.DistError) as e:
+                raise PeerLost(f"rank {rank}: static decode: {_first_line(e)}") from e
+            result.update(extra)
+            median = statistics.median(times)
+        else:
+            tokens, times, kept = _decode(job, plan.model, cache, logits.argmax(-1, keepdim=True), device, rank,
+                                          world)
+            if job.save_logits:
+                kept.insert(0, logits.float().cpu())
+            median = statistics.median(times)
+            last = torch.tensor([tokens[-1]], device=device).T
+            comm = _comm_share(job, plan.model, cache, last, device, median)
     # on a GPU the allocator's peak (prefill's working set included); on the CPU what the plan holds
     held = _bytes_held(plan.model, cache)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else held
@@ -249,20 +279,36 @@ def calibrate(job: DecodeJob, shape: models.ModelShape, device: torch.device, wo
                                  32 * shape.heads, 256 * world)
         plan = plans.build(job.plan, tiny, device=device, dtype=DTYPES[job.dtype], placement=job.placement,
                            form=job.form, kernel=job.kernel)
-        cache = plan.make_cache(capacity=128)
+        cache = plan.make_cache(capacity=None if job.mode != "eager" else 128)
         ids = models.context_ids(32, tiny.vocab, job.batch).to(device)
         times = []
         with torch.no_grad():
             tok = forward(plan.model, ids, cache).argmax(-1, keepdim=True)
-            for _ in range(24):
+            if job.mode != "eager":  # the same static step as the run's, captured in graph mode
+                from tapml.parallel import graphs
+
+                dec = graphs.Decoder(plan.model, graphs.StaticCache.from_cache(cache, 32, steps=32), tok, 32)
+                if job.mode == "graph":
+                    dec.capture()
+                times = dec.timed(24, job.mode == "graph")
+            for _ in range(24 if job.mode == "eager" else 0):
                 _sync(device)
                 t0 = time.perf_counter()
                 tok = forward(plan.model, tok, cache).argmax(-1, keepdim=True)
                 _sync(device)
                 times.append(time.perf_counter() - t0)
         floor[layers] = min(statistics.median(times[i:i + 8]) for i in (0, 8, 16))  # the quietest third
+    # eager: the host's issue time of a layer and of the rest of a step, which the device's work hides or not;
+    # graph: the device's own floor (kernels × per-kernel latency, nothing to read), which adds to the reads
     out["host_s_per_layer"] = max((floor[4] - floor[2]) / 2, 1e-6)
     out["host_s_per_step"] = max(floor[2] - 2 * out["host_s_per_layer"], 0.0)
+    if job.mode != "eager":
+        out["overlap"] = False
+    if job.mode == "graph":
+        from tapml.parallel.graphs import kernel_latency
+
+        out["kernel_latency_s"] = kernel_latency(device)
+        out["kernels_per_layer"] = out["host_s_per_layer"] / out["kernel_latency_s"]
     if world > 1:
         x = torch.zeros(1024, device=device)
         lat = []
