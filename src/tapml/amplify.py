@@ -1,6 +1,6 @@
 """Amplified cases: realistic variants of one carved sample — lengths cut around tile and workgroup sizes, extremes
 moved to the ends and tied, values shifted and scaled, long-context positions, integer boundaries, fully masked
-rows, the same values in other layouts, causal attention with L ≠ S.
+rows, the same values in other layouts, causal attention with L ≠ S, indices counted from the end.
 
 Each variant is a call of the same op, built from the real sample and the op's schema, with a name and a line
 saying how it was made. It must not run ops or judge: replay computes each variant's reference (dropping the
@@ -73,7 +73,7 @@ def variants(call: OpCall, *, seed: int = 0, limit: int = DEFAULT_LIMIT) -> list
     limit = min(limit, max(MIN_VARIANTS, ELEMENT_BUDGET // max(biggest, 1)))
     rng = random.Random(f"{seed}:{call.op}")
     pools = []
-    for kind in (_cuts, _extremes, _shifts, _positions, _integers, _masks, _layouts, _causal):
+    for kind in (_cuts, _extremes, _shifts, _positions, _integers, _masks, _layouts, _causal, _from_the_end):
         try:
             pools.append(kind(a, rng))
         except (RuntimeError, ValueError, IndexError, TypeError):  # arguments this kind cannot read: skipped
@@ -591,3 +591,18 @@ def _causal(a: _Args, rng: random.Random) -> list[Variant]:
         + f"is_causal=True, no mask (L={q2.shape[2]} < S={big_s})"
     return [Variant(f"causal:L{q2.shape[2]}<S{big_s}", how,
                     a.with_({"query": _like(q2, q), "is_causal": True, "attn_mask": None}))]
+
+
+def _from_the_end(a: _Args, rng: random.Random) -> list[Variant]:
+    """Advanced indexing with the same indices counted from the end (`i - size`), which these ops accept."""
+    if a.kind not in ("aten.index", "aten.index_put", "aten.index_put_"):
+        return []
+    x, indices = a.get("self"), a.get("indices")
+    if not isinstance(indices, (list, tuple)):
+        return []
+    moved = [t - x.shape[d] if isinstance(t, torch.Tensor) and t.dtype in (torch.int64, torch.int32)
+             and t.numel() and int(t.min()) >= 0 else t for d, t in enumerate(indices)]
+    if all(m is t for m, t in zip(moved, indices)):
+        return []
+    return [Variant("index:from-the-end", "the same indices counted from the end (i - size)",
+                    a.with_({"indices": type(indices)(moved)}))]

@@ -164,6 +164,15 @@ def test_run_tests_reports_a_bug_only_amplification_reaches_apart_from_the_real_
     assert [(r.variant, r.status) for r in again.amplified] == [(r.variant, r.status) for r in run.amplified]
 
 
+def test_advanced_indices_are_also_counted_from_the_end():
+    x = torch.randn(5, 7)
+    rows, cols = torch.tensor([[0], [4]]), torch.tensor([[1, 6]])
+    v = by_name(call("aten.index.Tensor", x, [rows, cols]))["index:from-the-end"]
+    r, c = v.call.args[1]
+    assert torch.equal(r, rows - 5) and torch.equal(c, cols - 7)
+    assert torch.equal(with_reference(v.call, REF).outputs, x[rows, cols])
+
+
 @pytest.mark.parametrize("op,args", [
     ("aten.mean.dim", (torch.randn(2, 3, 70), [-1], True)),
     ("aten.cumsum.default", (torch.randn(2, 70), 1)),
