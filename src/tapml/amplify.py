@@ -183,6 +183,12 @@ def _fits(t: torch.Tensor, headroom: float = 16.0) -> bool:
     return not finite.numel() or float(finite.abs().max()) * headroom < torch.finfo(t.dtype).max
 
 
+def _peak(t: torch.Tensor) -> float:
+    """The largest finite magnitude in `t` (0 when none is finite)."""
+    finite = t[torch.isfinite(t)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
 def _rms(t: torch.Tensor) -> float:
     finite = t[torch.isfinite(t)].double()
     return float(finite.pow(2).mean().sqrt()) if finite.numel() else 0.0
@@ -387,7 +393,7 @@ def _shifts(a: _Args, rng: random.Random) -> list[Variant]:
         c = SHIFT * (_rms(x) or 1.0)
         for sign, where in ((1, "above"), (-1, "below")):
             shifted = x.double() + sign * c
-            if float(shifted.abs().max()) * 16 >= torch.finfo(x.dtype).max:
+            if _peak(shifted) * 16 >= torch.finfo(x.dtype).max:  # -inf entries (masked logits) stay -inf
                 continue
             changes = {name: _like(shifted.to(x.dtype), x)}
             if a.kind in _CANCEL:  # both operands share the shift

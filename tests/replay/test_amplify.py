@@ -186,3 +186,13 @@ def test_every_variant_of_common_ops_is_a_valid_call(op, args):
     """(Layouts excepted: a kernel may demand one, as group norm's does; replay drops those.)"""
     vs = [v for v in variants(call(op, *args), limit=40) if not v.layout_only]
     assert len(vs) >= 4 and all(runs(v) for v in vs), [v.name for v in vs if not runs(v)]
+
+
+def test_logits_with_masked_vocabulary_are_still_shifted():
+    """Generation masks logits to -inf; the shift's range check reads the finite values, so the row is still
+    shifted below zero (every finite value negative: a max reduction whose init is 0 is caught)."""
+    x = torch.randn(2, 300)
+    x[:, :7] = -math.inf
+    v = by_name(call("aten.argmax.default", x, -1))["shift:-10000rms"]
+    y = v.call.args[0]
+    assert torch.equal(torch.isinf(y), torch.isinf(x)) and float(y[torch.isfinite(y)].max()) < 0

@@ -348,6 +348,16 @@ def test_int64_scalars_whose_low_word_has_the_top_bit_set(be, value):
     close(run(be, "aten.where.self", x > 0, x, value), torch.where(x > 0, x, value))
 
 
+@pytest.mark.parametrize("op", ["abs", "neg", "relu", "sign"])
+def test_int64_unary_ops_keep_the_high_word(be, op):
+    """Found by amplified cases (an int64 input shifted past 2^31): unary int ops computed in i32, so
+    `abs(-(2**40))` gave 0."""
+    if not be.rt.int64_native:
+        pytest.skip("adapter lacks shader-int64")
+    x = torch.tensor([-3, 5, 2**31 + 7, -(2**31) - 9, 2**40, -(2**40)], dtype=torch.int64)
+    close(run(be, f"aten.{op}.default", x), getattr(torch, op)(x))
+
+
 def test_cumsum_of_a_long_sum_meets_the_fp64_rule(be):
     """4,001 elements from 1e4 up: the compensation of the f32 running sum was folded away by the shader
     compiler, leaving an error hundreds of times the reference's."""
