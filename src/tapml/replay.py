@@ -98,7 +98,10 @@ def with_reference(call: OpCall, reference: Backend, layout_only: bool = False) 
         out = reference.execute(clone_call(call))
         if layout_only:
             args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.contiguous(), (call.args, call.kwargs))
-            dense = reference.execute(OpCall(call.op, args, kwargs, None, call.provenance, call.rng_state))
+            # cloned: `.contiguous()` returns a dense tensor itself (a storage offset is dense), and an in-place
+            # op would then change the variant's own inputs
+            dense = reference.execute(clone_call(OpCall(call.op, args, kwargs, None, call.provenance,
+                                                        call.rng_state)))
             if not _agree(out, dense):
                 return None
     except Exception:

@@ -196,3 +196,14 @@ def test_logits_with_masked_vocabulary_are_still_shifted():
     v = by_name(call("aten.argmax.default", x, -1))["shift:-10000rms"]
     y = v.call.args[0]
     assert torch.equal(torch.isinf(y), torch.isinf(x)) and float(y[torch.isfinite(y)].max()) < 0
+
+
+def test_an_in_place_variant_in_another_layout_keeps_its_inputs():
+    """A storage offset leaves a tensor dense, so the reference's contiguous check ran the in-place op on the
+    variant's own input: the case then expected `x + y` from inputs already holding it."""
+    x, y = torch.arange(12).reshape(3, 4), torch.full((3, 4), 100)
+    v = by_name(call("aten.add_.Tensor", x, y))["layout:offset"]
+    before = v.call.args[0].clone()
+    c = with_reference(v.call, REF, v.layout_only)
+    assert v.call.args[0].storage_offset() > 0 and torch.equal(v.call.args[0], before)
+    assert torch.equal(c.outputs, x + y)
