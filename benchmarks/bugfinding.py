@@ -56,6 +56,9 @@ EQUIVALENT = {
                        "index of a tied maximum",
     "matmul-tile-thin": "the tile only changes which thread owns an output; each output's k-order fma chain is "
                         "the same, so results are bit-identical",
+    "attn-masked-row": "the running max is -inf only while every score so far is -inf, and both of its uses are "
+                       "guarded already: p by `s == -inf`, the rescale by `m == -inf`; so the unguarded max changes "
+                       "no value (a fully masked row gives 0 either way, also across key chunks)",
     "tanh-branch": "the exp formula loses a few ulps for 0.0625 <= |x| < 0.625, inside the fp64 rule's tolerance: "
                    "a 64-point sweep of tanh over [-0.89, 0.89] passes under the mutant",
 }
@@ -69,11 +72,9 @@ UNOBSERVED_HERE = {
                           "range fails under it",
     "cumsum-compensation": "the only float cumsum here has 4 elements; the compensation matters on long sums "
                            "(tests/backends/webgpu: test_cumsum_of_a_long_sum_meets_the_fp64_rule kills it)",
-    "attn-masked-row": "a fully masked row gives NaN both in torch and under the mutant (mask:row-inf passes); "
-                       "the guard matters when a key block is fully masked before an unmasked one, which these "
-                       "shapes do not produce",
-    "topk-rank-guard": "the extra write of rank k lands on the next row's first slot (or past the end), which that "
-                       "row's own write covers on lavapipe: a write race this device resolves in the kernel's favour",
+    "topk-rank-guard": "thread (row, j) writes rank k to the next row's first slot, which that row's own, later "
+                       "invocation overwrites on lavapipe (the last row's lands past the end of the output): a "
+                       "write race this device resolves in the kernel's favour; a GPU may not",
 }
 
 MUTANTS = [
