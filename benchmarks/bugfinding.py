@@ -10,7 +10,7 @@ run (coverage recorded once, on the real backend), in order, until the first kil
 
 Usage: python benchmarks/bugfinding.py [--models llama,gpt2,t5,mixtral,resnet,vit] [--tokens 2]
                                        [--mutants NAME,...] [--stores DIR] [--seed 0]
-Smallest: python benchmarks/bugfinding.py --models resnet --mutants conv-pad-guard,maxpool-index-swap,mean-divisor
+Smallest (--smoke): --models resnet --mutants conv-pad-guard,maxpool-index-swap,mean-divisor
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import gc
 import inspect
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -431,7 +432,10 @@ def main() -> None:
     ap.add_argument("--mutants", default="", help="only these mutants (comma-separated names)")
     ap.add_argument("--stores", default="", help="carve into (or reuse the stores in) this directory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="the smallest configuration: ResNet, three mutants")
     a = ap.parse_args()
+    if a.smoke:
+        a.models, a.mutants = "resnet", "conv-pad-guard,maxpool-index-swap,mean-divisor"
     torch.set_num_threads(1)
 
     from rich.console import Console
@@ -497,7 +501,10 @@ def main() -> None:
     for k, v in killed.items():
         console.print(f"kill rate {k:>17}: {v}/{n} = {100 * v / max(n, 1):.1f}%"
                       + (f"  (of the {n - eq} non-equivalent: {100 * v / max(n - eq, 1):.1f}%)" if eq else ""))
-    console.print(f"seconds: build {t_build:.0f}, baseline {t_base:.0f}, mutants {t_mut:.0f}; stores in {root}")
+    console.print(f"seconds: build {t_build:.0f}, baseline {t_base:.0f}, mutants {t_mut:.0f}"
+                  + (f"; stores in {root}" if a.stores else ""))
+    if not a.stores:  # carved here for this run only
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
