@@ -15,6 +15,7 @@ SHOWS = {
     "carve_overhead.py": "time ratio carve/eager",
     "localize.py": "by strategy",
     "rpc.py": "TVM time / TapML time",
+    "bugfinding.py": "kill rate",
     "webgpu_kernels.py": "dispatches",
     "cache_parallel.py": "LSE check",
     "graphpipe.py": "Planner search seconds",

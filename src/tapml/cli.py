@@ -101,15 +101,21 @@ def test(store: Path = typer.Argument(..., help="case store directory"),
          token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote (else TAPML_TOKEN)"),
          tvm_target: str | None = typer.Option(None, "--tvm-target",
                                                help="TVM target for --backend tvm, e.g. 'llvm -mcpu=skylake', "
-                                                    "'llvm -opt-level=0', 'cuda'")
+                                                    "'llvm -opt-level=0', 'cuda'"),
+         amplify: bool = typer.Option(False, "--amplify",
+                                      help="also replay realistic variants of each sample (lengths around tile "
+                                           "sizes, extremes, shifts, long-context positions, int boundaries, "
+                                           "masked rows, layouts, causal L≠S), reported apart"),
+         amplify_seed: int = typer.Option(0, "--amplify-seed", help="seed the amplified variants are drawn with")
          ) -> None:
-    """Replay every case on BACKEND; exit 0 when all supported cases pass, 1 when any fails."""
+    """Replay every case on BACKEND; exit 0 when all supported cases (and amplified variants) pass, 1 when any
+    fails."""
     from tapml.replay import run_tests
     from tapml.report import print_summary
 
     run = run_tests(store, backend, pattern=k, progress=progress, remote=remote, token_file=token_file,
                     backend_options={"target": tvm_target} if tvm_target else None, json_out=json_out,
-                    html_out=html_out)
+                    html_out=html_out, amplify=amplify, amplify_seed=amplify_seed)
     print_summary(run, out)
     raise typer.Exit(run.exit_code)
 
@@ -240,6 +246,11 @@ def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:mak
     t = res.tested.totals()
     out.print(f"carved tests on {escape(res.target)}: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} "
               f"unsupported, {t['error']} errors of {t['cases']} cases")
+    a = res.tested.amplified_totals()
+    out.print(f"amplified variants: {a['pass']} passed, {a['fail']} failed, {a['unsupported']} unsupported, "
+              f"{a['error']} errors of {a['variants']}")
+    for r in [r for r in res.tested.amplified if r.status in ("fail", "error")][:10]:
+        out.print(f"  {r.status} {r.op} {r.args}: {r.reason}", markup=False)
     e = res.e2e
     out.print(f"end to end with every op on the target: {'pass' if e['passed'] else 'FAIL'} "
               f"(rel. error {e['rel_error']:.3g})")

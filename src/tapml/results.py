@@ -57,11 +57,50 @@ class CaseResult:
 
 
 @dataclass
+class AmplifiedResult:
+    """One amplified variant of a real sample (`tapml.amplify`), judged like a case but reported apart: `variant`
+    is its short name, `description` how it was made, `args` its readable signature."""
+
+    case_id: int
+    op: str
+    variant: str
+    description: str
+    args: str
+    status: str
+    rule: str = ""
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def kind(self) -> str:
+        return op_kind(self.op)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"case": self.case_id, "op": self.op, "variant": self.variant, "description": self.description,
+                "args": self.args, "status": self.status, "rule": self.rule, "reason": self.reason,
+                "metrics": self.metrics, "provenance": self.provenance, "seconds": round(self.seconds, 6)}
+
+
+@dataclass
 class TestRun:
     store: str
     backend: str
     results: list[CaseResult]
     seconds: float
+    # amplified variants (`run_tests(amplify=True)`), apart from the real cases; the seed they were drawn with,
+    # None when the run did not amplify
+    amplified: list[AmplifiedResult] = field(default_factory=list)
+    amplify_seed: int | None = None
+
+    def amplified_totals(self) -> dict[str, int]:
+        t = {s: 0 for s in STATUSES}
+        for r in self.amplified:
+            t[r.status] += 1
+        t["variants"] = len(self.amplified)
+        t["cases"] = len({r.case_id for r in self.amplified})
+        return t
 
     def totals(self) -> dict[str, int]:
         t = {s: 0 for s in STATUSES}
@@ -81,9 +120,14 @@ class TestRun:
 
     @property
     def exit_code(self) -> int:
-        t = self.totals()
-        return 1 if t["fail"] or t["error"] else 0
+        """1 when a real case or an amplified variant failed or errored (a variant's failure is a finding too)."""
+        t, a = self.totals(), self.amplified_totals()
+        return 1 if t["fail"] or t["error"] or a["fail"] or a["error"] else 0
 
     def as_dict(self) -> dict[str, Any]:
-        return {"store": self.store, "backend": self.backend, "seconds": round(self.seconds, 3),
-                "totals": self.totals(), "by_op": self.by_kind(), "cases": [r.as_dict() for r in self.results]}
+        d = {"store": self.store, "backend": self.backend, "seconds": round(self.seconds, 3),
+             "totals": self.totals(), "by_op": self.by_kind(), "cases": [r.as_dict() for r in self.results]}
+        if self.amplify_seed is not None:
+            d["amplified"] = {"seed": self.amplify_seed, "totals": self.amplified_totals(),
+                              "variants": [r.as_dict() for r in self.amplified]}
+        return d

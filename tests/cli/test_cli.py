@@ -129,3 +129,44 @@ def test_third_party_backend_plugin_and_exit_1_on_failure(store, tmp_path):
     r = subprocess.run([*TAPML, "test", str(store), "--backend", "missing"], capture_output=True, text=True,
                        env=env)
     assert r.returncode == 2 and "not usable here: needs the frobnicator driver" in r.stderr
+
+
+_ODD = """
+from tapml.backends.reference import TorchBackend
+
+class OddSoftmax(TorchBackend):
+    name = "odd-softmax"
+    description = "reference whose softmax drops the last element of odd-length rows (test plug-in)"
+
+    def run(self, call):
+        out = super().run(call)
+        if call.kind == "aten._softmax" and out.shape[-1] % 2:
+            out = out.clone()
+            out[..., -1] = 0
+        return out
+"""
+
+
+def test_amplify_finds_what_the_real_cases_miss_and_reports_it_apart(store, tmp_path):
+    """The tiny model's softmax rows have 4 elements: the bug passes the carved cases, and `--amplify` (a row
+    cut to 3) finds it, on a line of its own, in the exit code and in the JSON's own section."""
+    site = tmp_path / "site"
+    (site / "tapml_odd").mkdir(parents=True)
+    (site / "tapml_odd" / "__init__.py").write_text(_ODD)
+    dist = site / "tapml_odd-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tapml-odd\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tapml.backends]\nodd-softmax = tapml_odd:OddSoftmax\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    base = [*TAPML, "test", str(store), "--backend", "odd-softmax", "--no-progress"]
+    r = subprocess.run(base, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "amplified" not in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([*base, "--amplify", "--json", str(tmp_path / "r.json")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = " ".join(r.stdout.split())
+    assert "6 passed, 0 failed" in out and "AMPLIFIED FAIL aten._softmax.default" in out
+    assert "amplified: dim 1 cut from 4 to 3 (tile 4 - 1)" in out
+    assert "amplified:" in out and "variants of" in out and "(seed 0)" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["totals"]["fail"] == 0 and data["amplified"]["totals"]["fail"] >= 1

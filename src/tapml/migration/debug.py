@@ -50,7 +50,7 @@ class DebugResult:
 
     @property
     def exit_code(self) -> int:
-        bad = self.tested.totals()["fail"] + self.tested.totals()["error"]
+        bad = self.tested.exit_code  # a failing carved case or amplified variant
         return 1 if bad or (self.localization and self.localization.culprit) or not self.e2e["passed"] else 0
 
 
@@ -95,8 +95,8 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
         store = work_dir / "cases"
         say(f"1/4 carve {name} into {store}")
         carved = carve(name, store, workload=workload, progress=False)
-        say(f"2/4 replay {carved.cases} carved cases on {backend.name}")
-        tested = run_tests(str(store), backend, progress=False)
+        say(f"2/4 replay {carved.cases} carved cases and their amplified variants on {backend.name}")
+        tested = run_tests(str(store), backend, progress=False, amplify=True)
         say("3/4 run the model with every op on the target, checking each op against the reference")
         run, verdict = session.trial(Placement.all(), local_check=Placement.all())
         drift = [r.as_dict() for r in run.records]
@@ -172,7 +172,8 @@ def to_html(res: DebugResult) -> str:
     c = loc.culprit if loc else None
     e = res.e2e
     bad_cases = [r for r in res.tested.results if r.status in ("fail", "error")]
-    clean = e["passed"] and not bad_cases and c is None
+    amplified = [r for r in getattr(res.tested, "amplified", []) if r.status in ("fail", "error")]
+    clean = e["passed"] and not bad_cases and not amplified and c is None
     if clean:
         verdict, color = f"{esc(res.model)} runs correctly on {esc(res.target)}", "#2e7d32"
     elif c is not None:
@@ -186,6 +187,9 @@ def to_html(res: DebugResult) -> str:
                                 f"{div['reference']}, target {div['target']}" if div else ""))
     carved = (f"carved op tests: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} unsupported, "
               f"{t['error']} errors of {t['cases']} cases ({res.carved.calls} op calls)")
+    if getattr(res.tested, "amplify_seed", None) is not None:
+        a = res.tested.amplified_totals()
+        carved += f"; amplified variants: {a['pass']} passed, {a['fail'] + a['error']} failing of {a['variants']}"
     answer = ""
     if c is not None:
         run_repro = f"pytest {res.repro}" if res.repro else "(no repro: the culprit's inputs were not recorded)"
@@ -201,9 +205,8 @@ def to_html(res: DebugResult) -> str:
         f"<td>{esc(r.reason)}</td></tr>" for r in bad_cases[:200])
     failing_html = (f"<h2>Failing carved cases ({len(bad_cases)})</h2><table><tr><th>status</th><th>op</th>"
                     f"<th>arguments</th><th>where</th><th>why</th></tr>{failing}</table>" if bad_cases else "")
-    amplified = [r for r in getattr(res.tested, "amplified", []) if r.status in ("fail", "error")]
     amplified_html = "".join(
-        f"<tr><td><code>{esc(r.op)}</code></td><td>{esc(r.args)}</td><td>{esc(r.reason)}</td></tr>"
+        f"<tr><td><code>{esc(r.op)}</code></td><td>{esc(r.variant)}: {esc(r.args)}</td><td>{esc(r.reason)}</td></tr>"
         for r in amplified[:200])
     if amplified_html:
         amplified_html = (f"<h2>Failing amplified variants ({len(amplified)})</h2><table><tr><th>op</th>"

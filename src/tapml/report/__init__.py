@@ -80,6 +80,23 @@ def print_summary(run: TestRun, console: Console | None = None, failures: int = 
     console.print(f"[bold]{t['cases']} cases[/] ({t['calls_covered']} calls): [green]{t['pass']} passed[/], "
                   f"[red]{t['fail']} failed[/], {t['unsupported']} unsupported, [yellow]{t['error']} errors[/] "
                   f"in {run.seconds:.1f}s", highlight=False)
+    if run.amplify_seed is not None:
+        print_amplified(run, console, failures)
+
+
+def print_amplified(run: TestRun, console: Console, failures: int = 20) -> None:
+    """The amplified variants apart from the real cases: each failing one (which variant, how it was made),
+    then one line of totals."""
+    bad = [r for r in run.amplified if r.status in ("fail", "error")]
+    for r in bad[:failures]:
+        console.print(f"[red]AMPLIFIED {r.status.upper()}[/] {escape(r.op)} {escape(r.args)}  [dim]case "
+                      f"{r.case_id}, {escape(r.variant)}[/]\n    {escape(r.reason)}", highlight=False)
+    if len(bad) > failures:
+        console.print(f"... and {len(bad) - failures} more failing amplified variants (see --json/--html)")
+    a = run.amplified_totals()
+    console.print(f"[bold]amplified: {a['variants']} variants[/] of {a['cases']} cases (seed {run.amplify_seed}): "
+                  f"[green]{a['pass']} passed[/], [red]{a['fail']} failed[/], {a['unsupported']} unsupported, "
+                  f"[yellow]{a['error']} errors[/]", highlight=False)
 
 
 def to_json(run: TestRun) -> str:
@@ -127,6 +144,7 @@ def to_html(run: TestRun) -> str:
     kinds = "".join(
         f"<tr><td>{esc(op)}</td>" + "".join(f"<td>{row[s] or ''}</td>" for s in STATUSES) + f"<td>{row['calls']}</td></tr>"
         for op, row in run.by_kind().items())
+    amplified = _amplified_html(run) if run.amplify_seed is not None else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>TapML: {esc(run.store)} on {esc(run.backend)}</title>
 <style>
@@ -146,5 +164,30 @@ code{{font-size:11px}} .tot span{{margin-right:18px;font-size:16px}} tr.fail,tr.
 <p><label><input type="checkbox" id="bad" onchange="for(const r of document.querySelectorAll('#cases tr.pass,#cases tr.unsupported'))r.style.display=this.checked?'none':''"> only failures and errors</label></p>
 <table id="cases"><tr><th>#</th><th>op</th><th>arguments</th><th>status</th><th>rule</th><th>metrics</th>
 <th>module</th><th>phase</th><th>calls</th><th>reason</th></tr>{''.join(rows)}</table>
+{amplified}
 </body></html>
 """
+
+
+def _amplified_html(run: TestRun) -> str:
+    """The amplified variants' section: totals by variant kind, then every variant that did not pass."""
+    esc = html.escape
+    a = run.amplified_totals()
+    kinds: dict[str, dict[str, int]] = {}
+    for r in run.amplified:
+        row = kinds.setdefault(r.variant.split(":", 1)[0], {s: 0 for s in STATUSES})
+        row[r.status] += 1
+    by_kind = "".join(f"<tr><td>{esc(k)}</td>" + "".join(f"<td>{row[s] or ''}</td>" for s in STATUSES) + "</tr>"
+                      for k, row in sorted(kinds.items()))
+    bad = "".join(
+        f'<tr class="{r.status}"><td>{r.case_id}</td><td>{esc(r.op)}</td><td>{esc(r.variant)}</td>'
+        f'<td><code>{esc(r.args)}</code></td><td><b style="color:{_COLORS[r.status]}">{r.status}</b></td>'
+        f"<td>{esc(r.reason)}</td></tr>" for r in run.amplified if r.status != "pass")
+    return (f'<h2 id="amplified">Amplified variants</h2><p class="tot"><span>{a["variants"]} variants of '
+            f'{a["cases"]} cases (seed {run.amplify_seed})</span><span style="color:{_COLORS["pass"]}">{a["pass"]} '
+            f'passed</span><span style="color:{_COLORS["fail"]}">{a["fail"]} failed</span><span style="color:'
+            f'{_COLORS["unsupported"]}">{a["unsupported"]} unsupported</span><span style="color:{_COLORS["error"]}">'
+            f'{a["error"]} errors</span></p><table><tr><th>variant kind</th>'
+            + "".join(f"<th>{s}</th>" for s in STATUSES) + f"</tr>{by_kind}</table>"
+            + (f'<table id="amplified-failing"><tr><th>case</th><th>op</th><th>variant</th><th>arguments</th>'
+               f"<th>status</th><th>how it was made, and why it failed</th></tr>{bad}</table>" if bad else ""))

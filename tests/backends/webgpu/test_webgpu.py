@@ -333,6 +333,44 @@ def test_int64_native_mode_is_exact(be):
     close(run(be, "aten.mul.Tensor", x[2:], 2**33), x[2:] * 2**33)
 
 
+@pytest.mark.parametrize("value", [2**31, 2**31 + 5, 2**32 - 1, 3 * 2**31, -(2**31) - 1, -(2**63), 2**63 - 1])
+def test_int64_scalars_whose_low_word_has_the_top_bit_set(be, value):
+    """A scalar's low 32 bits with the top bit set were sign-extended: `x + 2**31` gave `x - 2**31`, while
+    supports() accepted the call. Narrow mode must refuse what it cannot hold instead."""
+    x = torch.tensor([-2, 0, 7, 2**40], dtype=torch.int64)
+    call = OpCall("aten.add.Tensor", (x, value), {})
+    if not be.rt.int64_native:
+        assert be.supports(call) is not None
+        return
+    assert be.supports(call) is None
+    close(be.execute(call), x + value)
+    close(run(be, "aten.full.default", [3], value, dtype=torch.int64), torch.full([3], value))
+    close(run(be, "aten.where.self", x > 0, x, value), torch.where(x > 0, x, value))
+
+
+@pytest.mark.parametrize("op", ["abs", "neg", "relu", "sign"])
+def test_int64_unary_ops_keep_the_high_word(be, op):
+    """Found by amplified cases (an int64 input shifted past 2^31): unary int ops computed in i32, so
+    `abs(-(2**40))` gave 0."""
+    if not be.rt.int64_native:
+        pytest.skip("adapter lacks shader-int64")
+    x = torch.tensor([-3, 5, 2**31 + 7, -(2**31) - 9, 2**40, -(2**40)], dtype=torch.int64)
+    close(run(be, f"aten.{op}.default", x), getattr(torch, op)(x))
+
+
+def test_cumsum_of_a_long_sum_meets_the_fp64_rule(be):
+    """4,001 elements from 1e4 up: the compensation of the f32 running sum was folded away by the shader
+    compiler, leaving an error hundreds of times the reference's."""
+    from tapml.backends.reference import oracle
+    from tapml.compare import judge
+
+    g = torch.Generator().manual_seed(0)
+    for x in (1e4 + torch.arange(4001, dtype=torch.float32), 1e4 + torch.rand(3, 4001, generator=g)):
+        call = OpCall("aten.cumsum.default", (x, -1), {})
+        v = judge(call.op, call.args, be.execute(call), x.cumsum(-1), oracle().execute(call))
+        assert v.passed, v.reason
+
+
 def test_bfloat16_is_emulated_exactly(be):
     x, y = torch.randn(64).bfloat16(), torch.randn(64).bfloat16()
     for op in ("aten.add.Tensor", "aten.mul.Tensor", "aten.div.Tensor"):

@@ -75,8 +75,9 @@ def _unary(name: str, inplace: bool):
         int_ok = iexpr is not None and not x.dtype.is_floating_point
         dt = x.dtype if (int_ok or x.dtype.is_floating_point) else float_dtype(x.dtype)
         out = _out(rt, x, x.shape, dt, inplace)
-        if int_ok:
-            return K.ew(rt, iexpr, [x], out, ["i32"], "i32")
+        if int_ok:  # int64 in its own compute type: as i32 it lost the high word (-(2**40) gave 0)
+            ct = "i64" if x.info.ct == "i64" else "i32"
+            return K.ew(rt, iexpr, [x], out, [ct], ct)
         return K.ew(rt, fexpr, [x], out, ["f32"], "f32")
     return run
 

@@ -81,7 +81,9 @@ def elementwise_wgsl(nd: int, operands: tuple, out: tuple, expr: str, vec: bool,
                 t += 1
             elif o[1] == "i64":  # (low word, high word)
                 lo, hi = p.u[f"s{j}"][0], p.i[f"s{j}"][1]
-                body.append(f"    let {LETTERS[j]} = ((i64({hi}) << 32u) | i64({lo}));")
+                # The low word masked: i64(u32) sign-extended a word whose top bit is set (naga on lavapipe),
+                # which turned `x + 2**31` into `x - 2**31`.
+                body.append(f"    let {LETTERS[j]} = ((i64({hi}) << 32u) | (i64({lo}) & 0xffffffffli));")
             else:
                 s = f"s{j}"
                 raw = {"f32": p.f[s], "i32": p.i[s], "bool": f"({p.i[s]} != 0)"}

@@ -13,7 +13,8 @@ from tapml.backends.webgpu.kernels.prelude import ENTRY, ONE, ZERO, Slots, acces
 from tapml.backends.webgpu.kernels.rows import ROWS, row_values, rows_prelude
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
-SLOTS = Slots(*ROWS)
+# + `zero`: a word that is 0 at run time, unknown when the shader compiles (see `cumulative_wgsl`)
+SLOTS = Slots(*ROWS, "zero")
 
 
 def cumulative_wgsl(kind: str, no: int, st: str, ct: str, ost: str, owrap: str) -> tuple[str, str]:
@@ -26,9 +27,17 @@ def cumulative_wgsl(kind: str, no: int, st: str, ct: str, ost: str, owrap: str) 
     src.append(rows_prelude(p))
     ld = load(st, ct, "x[xb + j * xs]")
     if kind == "cumsum" and ct == "f32":
-        # Two-sum compensation approximates torch's double accumulator on the CPU.
-        body = (f"    let v = {ld};\n    let t = s + v;\n    let bp = t - s;\n"
-                "    c = c + ((s - (t - bp)) + (v - bp));\n    s = t;\n"
+        # Two-sum compensation approximates torch's double accumulator on the CPU. Shader compilers may
+        # reassociate float math (Mesa's NIR folds `(s + v) - s` to `v`), which cancels the compensation: every
+        # step passes through `exact`, which ORs a word the compiler cannot know is 0 into the bits.
+        z = p.u.zero
+
+        def exact(e: str) -> str:
+            return f"bitcast<f32>(bitcast<u32>({e}) | {z})"
+
+        body = (f"    let v = {ld};\n    let t = {exact('s + v')};\n    let bp = {exact('t - s')};\n"
+                f"    let ap = {exact('t - bp')};\n"
+                f"    c = c + {exact(exact('s - ap') + ' + ' + exact('v - bp'))};\n    s = t;\n"
                 f"    o[ob + j * os] = {store('f32', ost, owrap, 's + c')};\n")
         src.append("  var s = 0.0;\n  var c = 0.0;\n  for (var j = 0u; j < n; j = j + 1u) {\n" + body + "  }\n}\n")
     else:
@@ -48,5 +57,5 @@ def cumulative(rt: Runtime, kind: str, x: WGTensor, dim: int, out_dtype: torch.d
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
     k = rt.kernel(("cum", kind, no, st, ct, ost, wrap),
                   lambda: cumulative_wgsl(kind, no, st, ct, ost, wrap), kind)
-    rt.dispatch(k, [out.buf, x.buf], SLOTS.bind(no=no).pack(**values), -(-values["rows"] // 64))
+    rt.dispatch(k, [out.buf, x.buf], SLOTS.bind(no=no).pack(**values, zero=0), -(-values["rows"] // 64))
     return out
