@@ -106,14 +106,14 @@ def sweep_one_device(a: argparse.Namespace) -> list[dict[str, Any]]:
         ctxs = contexts_that_fit(s, a.contexts, dev, a.batch, dtype.itemsize, a.chunk, a.steps + 3)
         print(f"# {name}: {s.layers} layers, built in {built:.1f} s; measured: "
               f"{cal['hbm_bytes_per_s'] / 1e9:.1f} GB/s, {cal['flops'] / 1e12:.2f} TFLOP/s, "
-              f"KV via attention {cal['kv_bytes_per_s'] / 1e9:.1f} GB/s, eager floor "
+              f"KV via attention {cal['kv_bytes_per_s'] / 1e9:.1f} GB/s (slope of two reads), floor "
               f"{cal['host_s_per_layer'] * 1e6:.0f} µs/layer + {cal['host_s_per_step'] * 1e6:.0f} µs/step; "
               f"contexts {ctxs}", flush=True)
-        if a.mode == "graph":
-            print(f"# {name}: under CUDA graphs the floor above is the device's (a captured step of a 2- and a "
-                  f"4-layer model of this head layout, nothing to read): {cal['kernel_latency_s'] * 1e6:.2f} µs per "
-                  f"kernel (a captured chain of tiny kernels), so ~{cal['kernels_per_layer']:.0f} kernels/layer",
-                  flush=True)
+        if "cut_layer_s" in cal:
+            print(f"# {name}: the floor above is what a layer of this model costs beyond its reads (a step of the "
+                  f"model cut to 2 and 4 layers, {cal['cut_layer_s'] * 1e6:.0f} µs per layer in all)"
+                  + (f"; one captured tiny kernel takes {cal['kernel_latency_s'] * 1e6:.2f} µs"
+                     if "kernel_latency_s" in cal else ""), flush=True)
         merge_impl = pick_merge(a, s, dev, dtype)
         for ctx in ctxs:
             base_t = None

@@ -8,6 +8,7 @@ rank that loses a peer says so in one line and exits (code 3) instead of hanging
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -267,16 +268,31 @@ def run(job: DecodeJob, plan: plans.Plan | None = None) -> dict[str, Any]:
 
 def calibrate(job: DecodeJob, shape: models.ModelShape, device: torch.device, world: int) -> dict[str, float]:
     """The cost model's machine figures, measured here: read rates and flops (costmodel.measure, with this
-    model's head layout), the eager floor of a step under this plan — per layer and per step, from models of
-    2 and 4 layers with the same head layout and 16 dimensions per head, whose steps are all host issue and
-    collective latency — and one small all-reduce's latency."""
+    model's head layout), one small all-reduce's latency, and the floor of a step under this plan, per layer and
+    per step, from models of 2 and 4 layers. Eager: models with the same head layout and 16 dimensions per head,
+    whose steps are all host issue and collective latency (the host's time, which the device's work hides or
+    not). Static and graph: the model itself cut to 2 and 4 layers at a short context, less what the cost model
+    already charges for its reads and collectives — what a layer costs beyond them (its small kernels, as far as
+    they do not overlap the large ones; negative where the probe's read rate is pessimistic), so the model adds
+    only the KV to what was measured."""
     from tapml.parallel import costmodel
 
     out = costmodel.measure(device.type, job.dtype, shape=shape)
+    if world > 1:
+        x = torch.zeros(1024, device=device)
+        lat = []
+        for _ in range(22):
+            _sync(device)
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            _sync(device)
+            lat.append(time.perf_counter() - t0)
+        out["collective_latency_s"] = statistics.median(lat[2:])
+    real = job.mode != "eager"
     floor = {}
     for layers in (2, 4):
-        tiny = models.ModelShape("tiny", layers, 16 * shape.heads, shape.heads, shape.kv_heads, 16,
-                                 32 * shape.heads, 256 * world)
+        tiny = dataclasses.replace(shape, name="cut", layers=layers) if real else models.ModelShape(
+            "tiny", layers, 16 * shape.heads, shape.heads, shape.kv_heads, 16, 32 * shape.heads, 256 * world)
         plan = plans.build(job.plan, tiny, device=device, dtype=DTYPES[job.dtype], placement=job.placement,
                            form=job.form, kernel=job.kernel)
         cache = plan.make_cache(capacity=None if job.mode != "eager" else 128)
@@ -298,27 +314,22 @@ def calibrate(job: DecodeJob, shape: models.ModelShape, device: torch.device, wo
                 _sync(device)
                 times.append(time.perf_counter() - t0)
         floor[layers] = min(statistics.median(times[i:i + 8]) for i in (0, 8, 16))  # the quietest third
-    # eager: the host's issue time of a layer and of the rest of a step, which the device's work hides or not;
-    # graph: the device's own floor (kernels × per-kernel latency, nothing to read), which adds to the reads
     out["host_s_per_layer"] = max((floor[4] - floor[2]) / 2, 1e-6)
     out["host_s_per_step"] = max(floor[2] - 2 * out["host_s_per_layer"], 0.0)
-    if job.mode != "eager":
+    if real:
         out["overlap"] = False
+        base = costmodel.calibrated(costmodel.DEVICES["h200" if device.type == "cuda" else "cpu"],
+                                    {**out, "host_s_per_layer": 0.0, "host_s_per_step": 0.0})
+        charged = {n: costmodel.estimate(job.plan, dataclasses.replace(shape, layers=n), 32, batch=job.batch,
+                                         devices=world, dev=base, dtype_bytes=DTYPES[job.dtype].itemsize,
+                                         new_tokens=32).t_device for n in (2, 4)}
+        out["host_s_per_layer"] = (floor[4] - floor[2] - charged[4] + charged[2]) / 2
+        out["host_s_per_step"] = floor[2] - charged[2] - 2 * out["host_s_per_layer"]
+        out["cut_layer_s"] = (floor[4] - floor[2]) / 2
     if job.mode == "graph":
         from tapml.parallel.graphs import kernel_latency
 
         out["kernel_latency_s"] = kernel_latency(device)
-        out["kernels_per_layer"] = out["host_s_per_layer"] / out["kernel_latency_s"]
-    if world > 1:
-        x = torch.zeros(1024, device=device)
-        lat = []
-        for _ in range(22):
-            _sync(device)
-            t0 = time.perf_counter()
-            dist.all_reduce(x)
-            _sync(device)
-            lat.append(time.perf_counter() - t0)
-        out["collective_latency_s"] = statistics.median(lat[2:])
     return out
 
 
