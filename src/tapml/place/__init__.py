@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Chain", "PlacedModel", "Placement", "Region", "Pattern", "Rule", "place", "register"]
+__all__ = ["Chain", "Pattern", "PlacedModel", "Placement", "Region", "Rule", "place", "register"]
 
 
 def __getattr__(name: str) -> Any:

@@ -118,9 +118,9 @@ class ModelGraph:
             for a in n.all_input_nodes:
                 if a not in members and a not in inputs:
                     inputs.append(a)
-            if n.op == "call_function" and (n.target is operator.getitem or not _is_tuple_op(n)):
-                if any(u not in members for u in n.users):
-                    outputs.append(n)
+            if (n.op == "call_function" and (n.target is operator.getitem or not _is_tuple_op(n))
+                    and any(u not in members for u in n.users)):
+                outputs.append(n)
         inputs.sort(key=order.__getitem__)
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {}

@@ -1,6 +1,6 @@
 """The placement search: Collage's exact op-level dynamic program over covered-node bitsets (each step covers the
 first uncovered op with a candidate that is disjoint and ready; cost = measured time + a per-kernel launch cost),
-then its graph-level evolutionary refinement with DEAP (one bit per partition: keep it, or hand it to the
+then its graph-level evolutionary refinement (DEAP's operators and settings; one bit per partition: keep it, or hand it to the
 graph-level backend, runs of handed partitions merged; every individual measured whole) under a time budget.
 
 It must not compile or measure by itself: costs and the evaluation of an individual are passed in.
@@ -56,7 +56,7 @@ def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> 
         return seen | starts
 
     conflicts = 0
-    for opt in sorted(set(o.bits for o in options), key=lambda b: -b.bit_count()):
+    for opt in sorted({o.bits for o in options}, key=lambda b: -b.bit_count()):
         ext = 0
         for i in _iter_bits(opt):
             ext |= preds[i]
@@ -89,14 +89,17 @@ def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> 
 
 def best_cover(n: int, preds: Sequence[int], options: Sequence[Option], launch: float = LAUNCH
                ) -> tuple[float, list[Option]]:
-    """The cheapest exact cover of ops 0..n-1 by disjoint options, executable in the chosen order.
+    """The cheapest exact cover of ops 0..n-1 by disjoint options that can run one after another.
 
-    State: the bitset of covered ops (in execution order). From a state, the first uncovered op must be covered
-    next, by an option that contains it, overlaps nothing covered and whose outside producers are all covered.
+    State: the bitset of covered ops (always closed under predecessors). A move covers it with an option that
+    overlaps nothing covered and whose outside producers are all covered. When an execution order exists in which
+    every option's outside producers precede all of its ops (`execution_order` finds one, or counts conflicts),
+    the first uncovered op in that order must be covered next, which loses no cover and keeps the moves few
+    (Collage's rule); otherwise every ready option is a move from any frontier op, still exact, more states.
     Returns (cost, options in execution order); cost is inf when no cover exists."""
     if n == 0:
         return 0.0, []
-    order, _ = execution_order(n, preds, options)
+    order, conflicts = execution_order(n, preds, options)
     pos = {op: k for k, op in enumerate(order)}
 
     def remap(bits: int) -> int:
@@ -105,35 +108,49 @@ def best_cover(n: int, preds: Sequence[int], options: Sequence[Option], launch: 
     rpreds = [0] * n
     for i in range(n):
         rpreds[pos[i]] = remap(preds[i])
-    by_first: dict[int, list[tuple[int, int, float, Option]]] = {}
+    by_op: dict[int, list[tuple[int, int, float, Option]]] = {}
     for o in options:
         b = remap(o.bits)
         ext = 0
         for i in _iter_bits(b):
             ext |= rpreds[i]
         ext &= ~b
-        by_first.setdefault(_lowest(b), []).append((b, ext, o.cost + launch, o))
+        move = (b, ext, o.cost + launch, o)
+        for i in (_iter_bits(b) if conflicts else (_lowest(b),)):
+            by_op.setdefault(i, []).append(move)
     full = (1 << n) - 1
+
+    def moves(state: int) -> list[tuple[int, int, float, Option]]:
+        free = ~state & full
+        if not conflicts:
+            firsts: Sequence[int] = (_lowest(free),)
+        else:  # every uncovered op whose producers are all covered
+            firsts = [i for i in _iter_bits(free) if not rpreds[i] & free]
+        seen: set[int] = set()  # an option reached from two frontier ops is one move
+        out = []
+        for v in firsts:
+            for m in by_op.get(v, ()):
+                if id(m) not in seen and not (m[0] & state) and not (m[1] & free):
+                    seen.add(id(m))
+                    out.append(m)
+        return out
+
     best: dict[int, tuple[float, tuple[int, int, float, Option] | None]] = {full: (0.0, None)}
     # iterative post-order DFS over states (a recursion would be as deep as the graph)
-    stack: list[tuple[int, int]] = [(0, 0)]
+    stack: list[tuple[int, int, list]] = [(0, 0, moves(0))]
     inf = float("inf")
     while stack:
-        state, k = stack[-1]
-        if state in best:
-            stack.pop()
-            continue
-        v = _lowest(~state & full)
-        moves = [m for m in by_first.get(v, ()) if not (m[0] & state) and (m[1] & ~state) == 0]
-        if k < len(moves):
-            stack[-1] = (state, k + 1)
-            nxt = state | moves[k][0]
+        state, k, ms = stack[-1]
+        if k < len(ms):
+            stack[-1] = (state, k + 1, ms)
+            nxt = state | ms[k][0]
             if nxt not in best:
-                stack.append((nxt, 0))
+                best[nxt] = (inf, None)  # placeholder: states only grow, so no cycle can reach it unfinished
+                stack.append((nxt, 0, moves(nxt)))
             continue
         stack.pop()
         choice: tuple[float, tuple[int, int, float, Option] | None] = (inf, None)
-        for m in moves:
+        for m in ms:
             c = m[2] + best[state | m[0]][0]
             if c < choice[0]:
                 choice = (c, m)
@@ -162,76 +179,91 @@ class Evolution:
     seconds: float
 
 
+def _two_point(a: list[int], b: list[int], rng: random.Random) -> None:
+    """DEAP's cxTwoPoint: swap the slice between two cut points."""
+    n = len(a)
+    i, j = sorted(rng.sample(range(1, n + 1), 2)) if n >= 2 else (0, 0)
+    a[i:j], b[i:j] = b[i:j], a[i:j]
+
+
+def _flip(a: list[int], indpb: float, rng: random.Random) -> None:
+    """DEAP's mutFlipBit: each gene flipped with probability indpb."""
+    for k in range(len(a)):
+        if rng.random() < indpb:
+            a[k] = 1 - a[k]
+
+
+def _tournament(pop: list[list[int]], fits: list[float], k: int, size: int, rng: random.Random) -> list[list[int]]:
+    """DEAP's selTournament (minimizing): k picks, each the best of `size` drawn with replacement."""
+    out = []
+    for _ in range(k):
+        picks = [rng.randrange(len(pop)) for _ in range(size)]
+        out.append(list(pop[min(picks, key=fits.__getitem__)]))
+    return out
+
+
 def refine(n_genes: int, evaluate: Callable[[tuple[int, ...]], float], budget_s: float, seed: int = 0,
            population: int = 50, cxpb: float = 0.5, mutpb: float = 0.2, indpb: float = 0.05,
            tournament: int = 5, max_generations: int = 1000, cache_size: int = 1000) -> Evolution:
-    """Collage's genetic algorithm over `n_genes` bits with DEAP (two-point crossover, bit-flip mutation,
-    tournament selection), seeded with all-0 and all-1; every individual's fitness is `evaluate(bits)` (seconds,
-    lower is better; inf for an invalid one), memoized (LRU of `cache_size`). Stops at `budget_s` seconds after the
-    seeds are evaluated. Returns the best individual evaluated, so never worse than its seeds."""
+    """Collage's genetic algorithm over `n_genes` bits (two-point crossover `cxpb`, bit-flip mutation `mutpb` with
+    `indpb`, tournament selection, population 50, seeded with all-0 and all-1); every individual's fitness is
+    `evaluate(bits)` (seconds, lower is better; inf for an invalid one), memoized (LRU of `cache_size`). Stops at
+    `budget_s` seconds after the seeds are evaluated. Returns the best individual evaluated, so never worse than
+    its seeds.
+
+    The three operators are DEAP's (cxTwoPoint, mutFlipBit, selTournament), written out here (20 lines) because
+    DEAP is not in the project's environment and its global `creator` classes and `random`-module state would
+    leak into the caller; the algorithm is DEAP's eaSimple with the same settings."""
     from collections import OrderedDict
 
-    try:
-        from deap import base, creator, tools
-    except ImportError:
-        from tapml.errors import TapmlError
-
-        raise TapmlError("the evolutionary search needs DEAP: pip install deap (or pass budget 0 to skip it)"
-                         ) from None
     start = time.perf_counter()
     rng = random.Random(seed)
     memo: OrderedDict[tuple[int, ...], float] = OrderedDict()
     best: list = [None, float("inf")]
+    evaluated = [0]
 
     def fit(bits: tuple[int, ...]) -> float:
         if bits in memo:
             memo.move_to_end(bits)
             return memo[bits]
         f = float(evaluate(bits))
+        evaluated[0] += 1
         memo[bits] = f
         if len(memo) > cache_size:
             memo.popitem(last=False)
-        if f < best[1]:
+        if f < best[1] or best[0] is None:
             best[0], best[1] = bits, f
         return f
 
     zeros, ones = (0,) * n_genes, (1,) * n_genes
     seeds = {"all-0": fit(zeros), "all-1": fit(ones)}
-    evaluated = 2
-    if not hasattr(creator, "TapmlPlaceFitness"):
-        creator.create("TapmlPlaceFitness", base.Fitness, weights=(-1.0,))
-        creator.create("TapmlPlaceIndividual", list, fitness=creator.TapmlPlaceFitness)
-    Ind = creator.TapmlPlaceIndividual
-    pop = [Ind(zeros), Ind(ones)] + [Ind(rng.randint(0, 1) for _ in range(n_genes))
-                                     for _ in range(max(0, population - 2))]
     generations = 0
     if n_genes >= 2:
-        saved = random.getstate()
-        random.seed(seed)  # DEAP's operators draw from the random module
-        try:
-            for ind in pop:
-                ind.fitness.values = (fit(tuple(ind)),)
-            evaluated = len({tuple(i) for i in pop})
-            while generations < max_generations and time.perf_counter() - start < budget_s:
-                generations += 1
-                offspring = [Ind(i) for i in tools.selTournament(pop, len(pop), tournsize=tournament)]
-                for a, b in zip(offspring[::2], offspring[1::2]):
-                    if random.random() < cxpb:
-                        tools.cxTwoPoint(a, b)
-                for ind in offspring:
-                    if random.random() < mutpb:
-                        tools.mutFlipBit(ind, indpb=indpb)
-                for ind in offspring:
-                    if time.perf_counter() - start >= budget_s:
-                        ind.fitness.values = (memo.get(tuple(ind), float("inf")),)
-                        continue
-                    new = tuple(ind) not in memo
-                    ind.fitness.values = (fit(tuple(ind)),)
-                    evaluated += new
-                pop = offspring
-        finally:
-            random.setstate(saved)
-    return Evolution(tuple(best[0]), best[1], evaluated, generations, seeds, time.perf_counter() - start)
+        pop = [list(zeros), list(ones)] + [[rng.randint(0, 1) for _ in range(n_genes)]
+                                           for _ in range(max(0, population - 2))]
+        fits = []
+        for ind in pop:
+            if time.perf_counter() - start >= budget_s:
+                break
+            fits.append(fit(tuple(ind)))
+        pop = pop[:len(fits)]
+        while pop and generations < max_generations and time.perf_counter() - start < budget_s:
+            generations += 1
+            offspring = _tournament(pop, fits, len(pop), tournament, rng)
+            for a, b in zip(offspring[::2], offspring[1::2]):
+                if rng.random() < cxpb:
+                    _two_point(a, b, rng)
+            for ind in offspring:
+                if rng.random() < mutpb:
+                    _flip(ind, indpb, rng)
+            new_fits = []
+            for ind in offspring:
+                if time.perf_counter() - start >= budget_s:
+                    new_fits.append(memo.get(tuple(ind), float("inf")))
+                else:
+                    new_fits.append(fit(tuple(ind)))
+            pop, fits = offspring, new_fits
+    return Evolution(tuple(best[0]), best[1], evaluated[0], generations, seeds, time.perf_counter() - start)
 
 
 def merge_runs(kinds: Sequence[int]) -> list[tuple[int, int]]:
