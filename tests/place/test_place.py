@@ -53,8 +53,9 @@ def _inputs(model):
     return (torch.randn(*shape, generator=g),)
 
 
-# Few candidates per backend keep the compiles (seconds each on 2 cores) few: an anchor op alone and the whole graph.
-LEAN = {b: [R.Chain(anchors=R.ANCHORS, max_ops=1)] for b in ALL[1:]}
+# Compiles take seconds each on 2 cores: here the compilers offer the whole graph only (always a candidate) and
+# torch every op, so placements still mix backends; the round-robin test above compiles single ops on each.
+LEAN = {b: [R.Region(supported=lambda n: False)] for b in ALL[1:]}
 LEAN["torch"] = [R.Chain(anchors=(R.ANY,), max_ops=1)]
 
 
@@ -84,7 +85,7 @@ def test_placed_model_passes_the_fp64_verdict(make, cache_dir):
     torch.manual_seed(0)
     model = make()
     inputs = _inputs(model)
-    p = place(model, inputs, ALL, "cpu", budget=0, rules=LEAN, cache_dir=cache_dir, repeats=3, cost_cache=False)
+    p = place(model, inputs, ALL, "cpu", budget=0, rules=LEAN, cache_dir=cache_dir, repeats=2, cost_cache=False)
     assert p.verdict.passed, p.verdict.reason
     with torch.no_grad():
         want = model(*inputs)
