@@ -118,3 +118,15 @@ def test_evolution_with_invalid_individuals_keeps_a_seed():
 def test_merge_runs():
     assert merge_runs([1, 1, 0, 1, 0, 0, 1]) == [(0, 2), (3, 4), (6, 7)]
     assert merge_runs([0, 0]) == []
+
+
+def test_dp_past_its_state_limit_still_covers_the_graph():
+    rng = random.Random(7)
+    for _ in range(30):
+        n = rng.randint(4, 7)
+        preds = _random_dag(rng, n)
+        opts = _options(rng, preds, n)
+        exact, _ = best_cover(n, preds, opts, 0.1)
+        bounded, plan = best_cover(n, preds, opts, 0.1, max_states=1)
+        assert exact <= bounded < float("inf")
+        assert _executable(preds, plan, n) and sum(o.bits for o in plan) == (1 << n) - 1

@@ -36,10 +36,10 @@ def _iter_bits(bits: int):
         bits ^= low
 
 
-def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> tuple[list[int], int]:
+def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> tuple[list[int], set[int]]:
     """A topological order of the ops in which every candidate's outside producers come before all of its ops,
     so that the DP's "ready" rule loses no executable placement. Candidates whose constraint would close a
-    cycle keep the order they get (counted and returned). Returns (order, conflicts)."""
+    cycle keep the order they get. Returns (order, the node sets of those conflicting candidates)."""
     succ = [set() for _ in range(n)]
     for i in range(n):
         for j in _iter_bits(preds[i]):
@@ -55,7 +55,7 @@ def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> 
                     stack.append(j)
         return seen | starts
 
-    conflicts = 0
+    conflicts: set[int] = set()
     for opt in sorted({o.bits for o in options}, key=lambda b: -b.bit_count()):
         ext = 0
         for i in _iter_bits(opt):
@@ -64,7 +64,7 @@ def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> 
         if not ext:
             continue
         if reach_from(opt) & ext:
-            conflicts += 1
+            conflicts.add(opt)
             continue
         for u in _iter_bits(ext):
             succ[u].update(_iter_bits(opt))
@@ -87,19 +87,33 @@ def execution_order(n: int, preds: Sequence[int], options: Sequence[Option]) -> 
     return order, conflicts
 
 
-def best_cover(n: int, preds: Sequence[int], options: Sequence[Option], launch: float = LAUNCH
-               ) -> tuple[float, list[Option]]:
+def best_cover(n: int, preds: Sequence[int], options: Sequence[Option], launch: float = LAUNCH,
+               max_states: int = 300_000) -> tuple[float, list[Option]]:
     """The cheapest exact cover of ops 0..n-1 by disjoint options that can run one after another.
 
     State: the bitset of covered ops (always closed under predecessors). A move covers it with an option that
     overlaps nothing covered and whose outside producers are all covered. When an execution order exists in which
-    every option's outside producers precede all of its ops (`execution_order` finds one, or counts conflicts),
-    the first uncovered op in that order must be covered next, which loses no cover and keeps the moves few
-    (Collage's rule); otherwise every ready option is a move from any frontier op, still exact, more states.
-    Returns (cost, options in execution order); cost is inf when no cover exists."""
+    every option's outside producers precede all of its ops (`execution_order` finds one), the first uncovered op
+    in that order must be covered next, which loses no cover and keeps the moves few (Collage's rule); otherwise
+    every ready option is a move from any frontier op, still exact, with more states: past `max_states` of those
+    the conflicting options are dropped and the ordered DP runs on the rest (exact over them; single ops never
+    conflict, so a cover still exists). Returns (cost, options in execution order); inf when no cover exists."""
     if n == 0:
         return 0.0, []
     order, conflicts = execution_order(n, preds, options)
+    if conflicts:
+        got = _solve(n, preds, options, launch, order, True, max_states)
+        if got is not None:
+            return got
+        options = [o for o in options if o.bits not in conflicts]
+    got = _solve(n, preds, options, launch, order, False, None)
+    assert got is not None
+    return got
+
+
+def _solve(n: int, preds: Sequence[int], options: Sequence[Option], launch: float, order: list[int],
+           general: bool, max_states: int | None) -> tuple[float, list[Option]] | None:
+    """The DP of `best_cover` in one mode; None when `max_states` is exceeded."""
     pos = {op: k for k, op in enumerate(order)}
 
     def remap(bits: int) -> int:
@@ -116,13 +130,13 @@ def best_cover(n: int, preds: Sequence[int], options: Sequence[Option], launch: 
             ext |= rpreds[i]
         ext &= ~b
         move = (b, ext, o.cost + launch, o)
-        for i in (_iter_bits(b) if conflicts else (_lowest(b),)):
+        for i in (_iter_bits(b) if general else (_lowest(b),)):
             by_op.setdefault(i, []).append(move)
     full = (1 << n) - 1
 
     def moves(state: int) -> list[tuple[int, int, float, Option]]:
         free = ~state & full
-        if not conflicts:
+        if not general:
             firsts: Sequence[int] = (_lowest(free),)
         else:  # every uncovered op whose producers are all covered
             firsts = [i for i in _iter_bits(free) if not rpreds[i] & free]
@@ -145,6 +159,8 @@ def best_cover(n: int, preds: Sequence[int], options: Sequence[Option], launch: 
             stack[-1] = (state, k + 1, ms)
             nxt = state | ms[k][0]
             if nxt not in best:
+                if max_states is not None and len(best) > max_states:
+                    return None
                 best[nxt] = (inf, None)  # placeholder: states only grow, so no cycle can reach it unfinished
                 stack.append((nxt, 0, moves(nxt)))
             continue
