@@ -112,7 +112,12 @@ def main() -> None:
                              f"{row['partitions']} ({'+'.join(row['backends_used'])})", row["excluded"],
                              "pass" if row["verdict"] else "FAIL"])
                 print(f"{name} b{batch} {dt}: placed {ms(row['placed'])} ms, best single {ms(best[1]) if best else '—'}"
-                      f" ms, speedup {row['speedup'] or 0:.3f}x", flush=True)
+                      f" ms, speedup {row['speedup'] or 0:.3f}x; greedy {ms(row['greedy'])} ms; "
+                      + ", ".join(f"{b} {ms(t)}" for b, t in s["single"].items())
+                      + f"; {row['partitions']} partitions, search {row['search_s']:.1f} s", flush=True)
+                if a.json:  # after every row: a long run stopped early keeps what it measured
+                    a.json.write_text(json.dumps({"device": a.device, "backends": backends, "missing": missing,
+                                                  "rows": records}, indent=1, default=str))
     print()
     print(table(["model", "batch", "dtype", *[f"{b} (ms)" for b in backends], "best single (ms)",
                  "greedy priority (ms)", "placed (ms)", "speedup over best single", "search s", "partitions",
