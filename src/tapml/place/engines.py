@@ -74,6 +74,13 @@ class InductorInProcess(Engine):
         super().__init__(device)
         self.mode = mode
         self.name = "inductor" if mode is None else f"inductor-{mode}"
+        # hundreds of candidate subgraphs are compiled in one process: dynamo's recompile limits (8 per code
+        # object) would silently fall back to eager for the later ones
+        cfg = torch._dynamo.config
+        for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(cfg, knob):
+                setattr(cfg, knob, max(getattr(cfg, knob), 100_000))
 
     def compile(self, module: fx.GraphModule, example: list[torch.Tensor], constants: set[int]) -> Compiled:
         try:
