@@ -107,9 +107,10 @@ class _Sleepy(Eager):
 
     def compile(self, module, example, constants):
         run = super().compile(module, example, constants)
+        ops = sum(n.op == "call_function" for n in module.graph.nodes)
 
         def slow(*xs):
-            time.sleep(0.002)
+            time.sleep(0.001 * ops)  # slow per op, so no grouping makes it competitive
             return run(*xs)
 
         return slow
