@@ -197,3 +197,19 @@ def test_report_and_rules_registry(tmp_path):
     text = page.read_text()
     assert "Whole-model time per backend" in text and "placed" in text and "<img" in text
     assert "speedup over the best single backend" in report.text(p)
+
+
+def test_host_crossings_are_charged_on_a_device_and_free_on_the_cpu():
+    from tapml.place.api import crossing_seconds
+    from tapml.place.candidates import enumerate_candidates
+
+    torch.manual_seed(0)
+    model = Mlp()
+    s = Session(model, _inputs(model), ["torch"], "cpu", repeats=1)
+    cands = enumerate_candidates(s.graph, ["torch"])
+    c = next(c for c in cands.items if len(c.ops) == len(s.graph))
+    s.engines["torch"].host_crossing = True
+    assert crossing_seconds(s, cands, c) == 0.0  # the CPU is the host
+    s.device = torch.device("meta")  # stands for a device whose memory is not the host's
+    bytes_moved = 2 * 4 * (2 * 16 + 2 * 8)  # input [2,16] and output [2,8], float32, there and back
+    assert crossing_seconds(s, cands, c) == pytest.approx(bytes_moved / 25e9)

@@ -135,9 +135,25 @@ def _label(graph: ModelGraph, c: Candidate) -> str:
     return f"{c.backend} [{graph.ops[min(c.ops)].name}] {shown}"
 
 
-def search_dp(graph: ModelGraph, cands: Candidates, measured: Measured, launch: float = LAUNCH
-              ) -> tuple[float, list[Partition]]:
-    options = [Option(c.bits, s, c) for c, s in measured.cost.items()]
+HOST_BYTES_PER_S = 25e9  # PCIe 4/5 x16 as measured by a device-to-host copy, not the link's peak
+
+
+def crossing_seconds(s: Session, cands: Candidates, c: Candidate) -> float:
+    """What a candidate on a backend that cannot share the device's memory adds: each activation crosses the bus
+    twice (device → host, then host → the backend's own device memory, and the same way back for outputs; weights
+    are uploaded once). Zero on the CPU, where the host is the device."""
+    eng = s.engines[c.backend]
+    if not eng.host_crossing or s.device.type == "cpu":
+        return 0.0
+    sub = cands.subgraph(c.ops)
+    moved = [s.values[n] for n in (*sub.inputs, *sub.outputs) if n not in s.constants]
+    return 2 * sum(t.numel() * t.element_size() for t in moved if isinstance(t, torch.Tensor)) / HOST_BYTES_PER_S
+
+
+def search_dp(graph: ModelGraph, cands: Candidates, measured: Measured, launch: float = LAUNCH,
+              extra: Callable[[Candidate], float] | None = None) -> tuple[float, list[Partition]]:
+    """The DP on the measured costs plus `extra` per candidate (the host crossings)."""
+    options = [Option(c.bits, s + (extra(c) if extra else 0.0), c) for c, s in measured.cost.items()]
     cost, plan = best_cover(len(graph), graph.preds, options, launch)
     if cost == float("inf"):
         missing = set(range(len(graph))) - {i for c in measured.cost for i in c.ops}
@@ -197,7 +213,7 @@ def place(model: torch.nn.Module, inputs: Sequence[torch.Tensor], backends: Sequ
     cands = enumerate_candidates(graph, s.backends, rules)
     measured = s.measurer.run(cands)
     t0 = time.perf_counter()
-    predicted, dp_parts = search_dp(graph, cands, measured, launch)
+    predicted, dp_parts = search_dp(graph, cands, measured, launch, lambda c: crossing_seconds(s, cands, c))
     search_s = time.perf_counter() - t0
     dp_model = s.build(dp_parts)
     dp_seconds = s.time(dp_model)
