@@ -20,8 +20,10 @@ def colors(backends: list[str]) -> dict[str, str]:
     return {b: PALETTE[k % len(PALETTE)] for k, b in enumerate(backends)}
 
 
-def _ms(s: Any) -> str:
-    return f"{s * 1e3:.3f} ms" if isinstance(s, float) else html.escape(str(s))
+def _ms(s: Any, escape: bool = True) -> str:
+    if isinstance(s, float):
+        return f"{s * 1e3:.3f} ms"
+    return html.escape(str(s)) if escape else str(s)
 
 
 def partition_rows(placement: Any) -> list[dict[str, Any]]:
@@ -130,7 +132,7 @@ def text(placement: Any) -> str:
     s = placement.summary()
     lines = [f"{'backend':<24} {'whole model':>14}"]
     for b, t in s["single"].items():
-        lines.append(f"{b:<24} {_ms(t)[:60]:>14}")
+        lines.append(f"{b:<24} {_ms(t, False)[:90]:>14}")
     if s["greedy"].get("seconds"):
         lines.append(f"{'greedy priority':<24} {_ms(s['greedy']['seconds']):>14}")
     lines.append(f"{'placed':<24} {_ms(s['placed_seconds']):>14}")
