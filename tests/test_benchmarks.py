@@ -19,6 +19,7 @@ SHOWS = {
     "webgpu_kernels.py": "dispatches",
     "cache_parallel.py": "LSE check",
     "graphpipe.py": "Planner search seconds",
+    "placement.py": "speedup over best single",
 }
 
 pytestmark = pytest.mark.slow
