@@ -283,6 +283,14 @@ def zoo() -> None:
     for m in pipe_models():
         t.add_row(m.name, f"{m.parameters('tiny'):,} / {m.parameters('gpu'):,}", m.summary)
     out.print(t)
+    from tapml.place.models import catalog as place_models
+
+    t = Table(title="placement models (tapml place MODEL)", title_justify="left")
+    for c in ("name", "summary"):
+        t.add_column(c, no_wrap=c == "name")
+    for m in place_models():
+        t.add_row(m.name, m.summary)
+    out.print(t)
     t = Table(title="long-context decode shapes (tapml parallel --model NAME)", title_justify="left")
     for c in ("name", "parameters", "layers", "heads / KV heads", "summary"):
         t.add_column(c, justify="right" if c in ("parameters", "layers") else "left", no_wrap=c == "name")
@@ -309,6 +317,9 @@ def _mount_subapps() -> None:
     """The systems' sub-apps (their modules import nothing heavy at import: `tapml --help` stays fast)."""
     from tapml.graphpipe.cli import app as graphpipe_app
     from tapml.parallel.cli import app as parallel_app
+    from tapml.place.cli import place_command
+
+    app.command("place")(place_command)
 
     app.add_typer(parallel_app, name="parallel", help="Cache parallelism for long-context decode (decode, advise).")
     app.add_typer(graphpipe_app, name="graphpipe", help="GraphPipe: DAG pipeline training (plan, train, bench).")

@@ -60,7 +60,7 @@ def test_zoo_and_backends_listings():
     r = tapml("zoo")
     assert r.returncode == 0
     for name in ("llama", "mixtral", "minilm", "vit", "resnet", "t5", "mmt4", "dlrm", "uno",
-                 "llama3-8b-mqa-small"):  # the zoo lists the training and decode models of graphpipe and parallel
+                 "llama3-8b-mqa-small", "resnext50", "nasnet"):  # graphpipe's, parallel's and place's models too
         assert name in r.stdout
 
 

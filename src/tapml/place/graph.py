@@ -174,13 +174,18 @@ def export_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Mo
         raise TapmlError(f"torch.export cannot capture the model: {first_line(e)}; give a model whose forward "
                          "takes tensors and traces without data-dependent control flow") from None
     gm = program.module()
-    for n in list(gm.graph.nodes):  # export's input guards are not compute
-        if n.op == "call_module" and not n.users:
+    for n in list(gm.graph.nodes):  # export's input guards and dtype/shape assertions are not compute
+        if not n.users and (n.op == "call_module" or (n.op == "call_function" and _is_assertion(n))):
             gm.graph.erase_node(n)
     _fold_constants(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return from_graph_module(gm)
+
+
+def _is_assertion(n: fx.Node) -> bool:
+    """aten._assert_tensor_metadata and kin: checks export leaves in the graph (a backend need not run them)."""
+    return getattr(n.target, "__name__", "").startswith(("_assert", "sym_constrain_range"))
 
 
 def from_graph_module(gm: fx.GraphModule) -> ModelGraph:

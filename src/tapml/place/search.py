@@ -195,45 +195,28 @@ class Evolution:
     seconds: float
 
 
-def _two_point(a: list[int], b: list[int], rng: random.Random) -> None:
-    """DEAP's cxTwoPoint: swap the slice between two cut points."""
-    n = len(a)
-    i, j = sorted(rng.sample(range(1, n + 1), 2)) if n >= 2 else (0, 0)
-    a[i:j], b[i:j] = b[i:j], a[i:j]
-
-
-def _flip(a: list[int], indpb: float, rng: random.Random) -> None:
-    """DEAP's mutFlipBit: each gene flipped with probability indpb."""
-    for k in range(len(a)):
-        if rng.random() < indpb:
-            a[k] = 1 - a[k]
-
-
-def _tournament(pop: list[list[int]], fits: list[float], k: int, size: int, rng: random.Random) -> list[list[int]]:
-    """DEAP's selTournament (minimizing): k picks, each the best of `size` drawn with replacement."""
-    out = []
-    for _ in range(k):
-        picks = [rng.randrange(len(pop)) for _ in range(size)]
-        out.append(list(pop[min(picks, key=fits.__getitem__)]))
-    return out
-
-
 def refine(n_genes: int, evaluate: Callable[[tuple[int, ...]], float], budget_s: float, seed: int = 0,
            population: int = 50, cxpb: float = 0.5, mutpb: float = 0.2, indpb: float = 0.05,
            tournament: int = 5, max_generations: int = 1000, cache_size: int = 1000) -> Evolution:
-    """Collage's genetic algorithm over `n_genes` bits (two-point crossover `cxpb`, bit-flip mutation `mutpb` with
-    `indpb`, tournament selection, population 50, seeded with all-0 and all-1); every individual's fitness is
-    `evaluate(bits)` (seconds, lower is better; inf for an invalid one), memoized (LRU of `cache_size`). Stops at
-    `budget_s` seconds after the seeds are evaluated. Returns the best individual evaluated, so never worse than
-    its seeds.
-
-    The three operators are DEAP's (cxTwoPoint, mutFlipBit, selTournament), written out here (20 lines) because
-    DEAP is not in the project's environment and its global `creator` classes and `random`-module state would
-    leak into the caller; the algorithm is DEAP's eaSimple with the same settings."""
+    """Collage's genetic algorithm over `n_genes` bits, on DEAP's operators (cxTwoPoint with `cxpb`, mutFlipBit
+    with `mutpb` and `indpb`, selTournament of `tournament`; population 50 seeded with all-0 and all-1, DEAP's
+    eaSimple loop); every individual's fitness is `evaluate(bits)` (seconds, lower is better; inf for an invalid
+    one), memoized (LRU of `cache_size`). Stops at `budget_s` seconds after the seeds are evaluated. Returns the
+    best individual evaluated, so never worse than its seeds. DEAP draws from the `random` module: its state is
+    seeded here and the caller's restored afterwards, and no `creator` class is registered globally."""
     from collections import OrderedDict
 
+    from deap import base, tools
+
+    class Fit(base.Fitness):
+        weights = (-1.0,)  # minimize seconds
+
+    class Individual(list):
+        def __init__(self, genes):
+            super().__init__(genes)
+            self.fitness = Fit()
+
     start = time.perf_counter()
-    rng = random.Random(seed)
     memo: OrderedDict[tuple[int, ...], float] = OrderedDict()
     best: list = [None, float("inf")]
     evaluated = [0]
@@ -251,35 +234,36 @@ def refine(n_genes: int, evaluate: Callable[[tuple[int, ...]], float], budget_s:
             best[0], best[1] = bits, f
         return f
 
+    def assess(pop: list) -> list:
+        for ind in pop:
+            over = time.perf_counter() - start >= budget_s
+            ind.fitness.values = (memo.get(tuple(ind), float("inf")) if over else fit(tuple(ind)),)
+        return pop
+
     zeros, ones = (0,) * n_genes, (1,) * n_genes
     seeds = {"all-0": fit(zeros), "all-1": fit(ones)}
     generations = 0
-    if n_genes >= 2:
-        pop = [list(zeros), list(ones)] + [[rng.randint(0, 1) for _ in range(n_genes)]
-                                           for _ in range(max(0, population - 2))]
-        fits = []
-        for ind in pop:
-            if time.perf_counter() - start >= budget_s:
-                break
-            fits.append(fit(tuple(ind)))
-        pop = pop[:len(fits)]
-        while pop and generations < max_generations and time.perf_counter() - start < budget_s:
-            generations += 1
-            offspring = _tournament(pop, fits, len(pop), tournament, rng)
-            for a, b in zip(offspring[::2], offspring[1::2]):
-                if rng.random() < cxpb:
-                    _two_point(a, b, rng)
-            for ind in offspring:
-                if rng.random() < mutpb:
-                    _flip(ind, indpb, rng)
-            new_fits = []
-            for ind in offspring:
-                if time.perf_counter() - start >= budget_s:
-                    new_fits.append(memo.get(tuple(ind), float("inf")))
-                else:
-                    new_fits.append(fit(tuple(ind)))
-            pop, fits = offspring, new_fits
-    return Evolution(tuple(best[0]), best[1], evaluated[0], generations, seeds, time.perf_counter() - start)
+    caller_state = random.getstate()
+    random.seed(seed)
+    try:
+        if n_genes >= 2:
+            pop = [Individual(zeros), Individual(ones)] + [
+                Individual(random.randint(0, 1) for _ in range(n_genes)) for _ in range(max(0, population - 2))]
+            pop = assess(pop)
+            while generations < max_generations and time.perf_counter() - start < budget_s:
+                generations += 1
+                offspring = [Individual(ind) for ind in tools.selTournament(pop, len(pop), tournament)]
+                for a, b in zip(offspring[::2], offspring[1::2]):
+                    if random.random() < cxpb:
+                        tools.cxTwoPoint(a, b)
+                for ind in offspring:
+                    if random.random() < mutpb:
+                        tools.mutFlipBit(ind, indpb)
+                pop = assess(offspring)
+    finally:
+        random.setstate(caller_state)
+    return Evolution(tuple(int(g) for g in best[0]), best[1], evaluated[0], generations, seeds,
+                     time.perf_counter() - start)
 
 
 def merge_runs(kinds: Sequence[int]) -> list[tuple[int, int]]:
