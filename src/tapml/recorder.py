@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tapml.errors import TapmlError
 from tapml.ops import (
+    WHOLE_STORAGE,
     Unserializable,
     compact,
     content_hash,
@@ -44,8 +45,6 @@ from tapml.results import CarveResult
 from tapml.store import Batch, CaseSpec, CaseStore, PendingSample, Recording
 from tapml.workload import Location, Workload, load_workload, track
 
-# Ops that may read storage outside their input view: the whole storage is kept for them.
-_WHOLE_STORAGE = {"aten.as_strided.default", "aten.as_strided_.default", "aten.as_strided_scatter.default"}
 # Flush a batch to disk after this many samples or bytes (bounds memory and what a crash can lose).
 _FLUSH_SAMPLES = 512
 _FLUSH_BYTES = 64 << 20
@@ -206,7 +205,7 @@ class Recorder(TorchDispatchMode):
         """Before running a sampled call: RNG state and, for mutating ops, the inputs."""
         if tensors is None:
             _, tensors = encode_args(args, kwargs)
-        whole = entry.op in _WHOLE_STORAGE
+        whole = entry.op in WHOLE_STORAGE
         rng = None
         if entry.random:
             gen = kwargs.get("generator")
@@ -387,9 +386,8 @@ def _key(args, _T=_Tensor) -> tuple:
     out = []
     add = out.append
     for x in args:
-        if isinstance(x, _T):
-            off = x.storage_offset()
-            add((x.shape, x.dtype, x.stride(), off) if off or not x.is_contiguous() else (x.shape, x.dtype))
+        if isinstance(x, _T):  # the exact layout: a size-1 dim's stride or an offset makes another signature
+            add((x.shape, x.dtype, x.stride(), x.storage_offset()))
             continue
         t = type(x)
         if t is int or t is str or x is None:

@@ -142,3 +142,20 @@ class Endless(torch.nn.Module):
 
 def make_endless():
     return Endless(), (torch.ones(200, 8),)
+
+
+class Views(torch.nn.Module):
+    """The same op on views whose layout `is_contiguous()` does not show, and on a fresh tensor of the same shape:
+    a decode step's query slice [2,4,1,32] with stride 128 on its size-1 dim (as Llama's KV-cache attention makes
+    it) and a [1,32] row read at a storage offset."""
+
+    def forward(self, x):
+        q = x.transpose(1, 2)  # [2,4,1,32], strides (128, 32, 128, 1)
+        fresh = q.clone(memory_format=torch.contiguous_format)  # strides (128, 32, 32, 1)
+        row = x.reshape(-1)[32:64].view(1, 32)  # offset 32
+        return (q * 2.0).sum() + (fresh * 2.0).sum() + (row * 3.0).sum() + (x.reshape(-1)[:32].view(1, 32) * 3.0).sum()
+
+
+def make_views():
+    torch.manual_seed(0)
+    return Views(), (torch.randn(2, 1, 4, 32),)

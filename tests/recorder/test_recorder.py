@@ -392,3 +392,24 @@ def test_accepted_environment_spellings(tmp_path, monkeypatch, tiny):
     for i, value in enumerate(("auto", "FALSE", "", " 0 ")):
         monkeypatch.setenv("TAPML_CARVE_NATIVE", value)
         assert carve(tiny, tmp_path / f"s{i}", progress=False).calls == 9
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_views_keep_their_live_layout_and_a_layout_fault_is_caught(tmp_path, monkeypatch, native):
+    """A size-1 dim's stride and a storage offset are part of what a call saw: the case keeps them (one case per
+    layout), replay hands them to the target, and a fault that shows only on such views fails those cases."""
+    if native == "1":
+        _native_or_skip()
+    monkeypatch.setenv("TAPML_CARVE_NATIVE", native)
+    carve(model_ref("make_views"), tmp_path / "s", progress=False)
+    layouts = {}
+    with CaseStore.open(tmp_path / "s") as st:
+        for c in st.cases("aten.mul.Tensor"):
+            (x,) = [t for t in st.load_call(c, st.samples(c.id)[0]).args if isinstance(t, torch.Tensor)]
+            layouts[(tuple(x.shape), x.stride(), x.storage_offset())] = c.id
+    assert set(layouts) == {((2, 4, 1, 32), (128, 32, 128, 1), 0), ((2, 4, 1, 32), (128, 32, 32, 1), 0),
+                            ((1, 32), (32, 1), 32), ((1, 32), (32, 1), 0)}
+    assert run_tests(str(tmp_path / "s"), "torch", progress=False).exit_code == 0
+    run = run_tests(str(tmp_path / "s"), "torch", progress=False, inject="layout:aten.mul.Tensor")
+    failed = {r.case_id for r in run.results if r.status == "fail"}
+    assert failed == {layouts[((2, 4, 1, 32), (128, 32, 128, 1), 0)], layouts[((1, 32), (32, 1), 32)]}
