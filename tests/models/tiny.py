@@ -159,3 +159,19 @@ class Views(torch.nn.Module):
 def make_views():
     torch.manual_seed(0)
     return Views(), (torch.randn(2, 1, 4, 32),)
+
+
+class Varied(torch.nn.Module):
+    """One op (softmax over a row of 16) called 40 times on rows that differ: ordinary ones, one with a big outlier
+    (row 17) and one fully masked (row 29: -inf everywhere, as a padded query row of an attention mask)."""
+
+    def forward(self, rows):
+        return torch.stack([torch.softmax(rows[i].clone(), -1) for i in range(rows.shape[0])])
+
+
+def make_varied():
+    torch.manual_seed(0)
+    rows = torch.randn(40, 16)
+    rows[17, 5] = 1e4
+    rows[29] = float("-inf")
+    return Varied(), (rows,)

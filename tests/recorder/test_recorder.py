@@ -249,16 +249,18 @@ def _carve_summary(path, monkeypatch, native: str, **kw):
     _, work = load_workload("llama", None, 4)
     r = carve("llama", path, workload=work, max_new_tokens=4, progress=False, **kw)
     with CaseStore.open(path) as st:
-        cases = sorted((c.signature, c.op, c.count, c.n_samples, repr(c.first)) for c in st.cases())
+        cases = sorted((c.signature, c.op, c.count, c.n_samples, repr(c.first), c.metas,
+                        [(x.provenance.index, x.chosen) for x in st.samples(c.id)]) for c in st.cases())
         table = [dict(row) for row in st.op_table()]
         stats = {k: v for k, v in st.stats().items() if k != "disk_bytes"}
     return (r.calls, r.cases, r.samples), cases, table, stats
 
 
 def test_native_and_python_recorders_write_the_same_store(tmp_path, monkeypatch):
-    """Call counts, per-case occurrences, samples and provenance do not depend on which recorder ran."""
+    """Call counts, per-case occurrences, exact layouts, samples (which calls, and why: diverse ones with K > 1) and
+    provenance do not depend on which recorder ran."""
     _native_or_skip()
-    for samples in (1, 2):
+    for samples in (1, 3):
         py = _carve_summary(tmp_path / f"py{samples}", monkeypatch, "0", samples=samples)
         nat = _carve_summary(tmp_path / f"nat{samples}", monkeypatch, "1", samples=samples)
         assert py[0][0] > 1000 and py[0] == nat[0]

@@ -126,3 +126,23 @@ def test_a_store_written_before_exact_layouts_still_loads_replays_and_extends(tm
         strides = sorted(t.stride() for c in st.cases("aten.mul.Tensor") for s in st.samples(c.id)
                          for t in st.load_call(c, s).tensors() if t.shape == (2, 4, 1, 32))
     assert strides == [(128, 32, 32, 1), (128, 32, 128, 1)]
+
+
+def test_a_store_without_the_sample_choice_column_reads_and_takes_diverse_samples(tmp_path):
+    """Stores written before diverse samples have no `chosen` column: readers do without it, the next writer adds
+    it."""
+    from tapml.store import summarize
+
+    out = tmp_path / "s"
+    carve(model_ref("make_varied"), out, progress=False)
+    db = sqlite3.connect(out / "cases.sqlite")
+    with db:
+        db.execute("ALTER TABLE samples DROP COLUMN chosen")
+    db.close()
+    with CaseStore.open(out) as st:
+        assert all(s.chosen is None for c in st.cases() for s in st.samples(c.id))
+    assert all(x["chosen"] is None for xs in summarize(out, cases=True).choices.values() for x in xs)
+    carve(model_ref("make_varied"), out, samples=3, progress=False)
+    with CaseStore.open(out) as st:
+        (case,) = st.cases("aten._softmax")
+        assert [s.chosen and s.chosen["by"] for s in st.samples(case.id)] == [None, "distinct", "distinct"]
