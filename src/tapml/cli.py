@@ -107,7 +107,8 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
         chosen = summary.choices.get(c.id, [])
         if any(x["chosen"] for x in chosen):  # carved with diverse samples: say why each was kept
             for x in chosen:
-                out.print(f"        sample: call {x['index']} ({escape(str(x['phase']))}): {escape(describe(x['chosen']))}")
+                how = describe(x["chosen"])
+                out.print(f"        sample: call {x['index']} ({escape(str(x['phase']))}): {escape(how)}")
 
 
 @app.command()

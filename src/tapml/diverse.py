@@ -17,6 +17,11 @@ import torch
 _PRESENT = 3.0
 
 
+# dtypes whose reductions torch's CPU kernels all have; others (float8, uint16/32/64) are widened first
+_NATIVE_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_NATIVE_INTS = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+
+
 def _count(c: int) -> float:
     return 0.0 if c <= 0 else _PRESENT + math.log2(c)
 
@@ -37,10 +42,10 @@ class Summary:
 
 def summarize(tensors: list[torch.Tensor], skip: set[int]) -> Summary:
     """The summary of a call's tensor arguments. Per floating tensor: the largest |value| (masks' fill values and
-    non-finite ones aside), NaNs, ±Infs and fully masked rows (every value of the last dim -inf or at most half of finfo.min, as attention masks hold
-    them); per integer tensor: the largest |value| (positions: how long the context is); per bool tensor: rows
-    with no True (a boolean mask's fully masked rows). Tensors whose storage is in `skip` (parameters: the same
-    values every call) contribute zeros."""
+    non-finite ones aside), NaNs, ±Infs and fully masked rows (every value of the last dim -inf or at most half
+    of finfo.min, as attention masks hold them); per integer tensor: the largest |value| (positions: how long the
+    context is); per bool tensor: rows with no True (a boolean mask's fully masked rows). Tensors whose storage is
+    in `skip` (parameters: the same values every call) contribute zeros."""
     vec: list[float] = []
     names: list[str] = []
     stats: dict[str, Any] = {"absmax": None, "nan": 0, "inf": 0, "masked": 0, "intmax": None}
@@ -52,7 +57,8 @@ def summarize(tensors: list[torch.Tensor], skip: set[int]) -> Summary:
             if fixed:
                 vec += [0.0] * 4
                 continue
-            absmax, nan, inf, masked = _float_stats(x)
+            low = torch.finfo(x.dtype).min / 2  # a mask's fill value (finfo.min), or -inf
+            absmax, nan, inf, masked = _float_stats(x if x.dtype in _NATIVE_FLOATS else x.float(), low)
             vec += [_magnitude(absmax), _count(nan), _count(inf), _count(masked)]
             stats["absmax"] = absmax if stats["absmax"] is None else max(stats["absmax"], absmax)
             stats["nan"] += nan
@@ -68,22 +74,23 @@ def summarize(tensors: list[torch.Tensor], skip: set[int]) -> Summary:
             if fixed:
                 vec.append(0.0)
                 continue
-            lo, hi = torch.aminmax(x.reshape(-1))
+            flat = x.reshape(-1)
+            lo, hi = torch.aminmax(flat if x.dtype in _NATIVE_INTS else flat.double())  # uint16/32/64 lack it
             top = max(abs(int(lo)), abs(int(hi)))
             vec.append(_magnitude(float(top)))
             stats["intmax"] = top if stats["intmax"] is None else max(stats["intmax"], top)
     return Summary(tuple(vec), tuple(names), stats)
 
 
-def _float_stats(x: torch.Tensor) -> tuple[float, int, int, int]:
+def _float_stats(x: torch.Tensor, low: float) -> tuple[float, int, int, int]:
     """Largest |value| among the finite, unmasked ones; NaNs; ±Infs; fully masked rows."""
     finite = torch.isfinite(x)
     bad = x.numel() - int(finite.sum())
     nan = int(torch.isnan(x).sum()) if bad else 0
-    low = x <= torch.finfo(x.dtype).min / 2  # a mask's fill value (or -inf)
-    magnitude = x.abs().masked_fill(low | ~finite, 0)
+    masking = x <= low
+    magnitude = x.abs().masked_fill(masking | ~finite, 0)
     absmax = float(magnitude.amax())
-    masked = int(low.all(-1).sum()) if x.dim() and x.shape[-1] else 0
+    masked = int(masking.all(-1).sum()) if x.dim() and x.shape[-1] else 0
     return absmax, nan, bad - nan, masked
 
 
