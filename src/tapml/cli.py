@@ -39,7 +39,9 @@ def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or 
           out_dir: Path = typer.Option(..., "--out", help="case store directory (created or extended)"),
           max_new_tokens: int = typer.Option(8, help="tokens to generate for LLMs (prefill + N-1 decode steps)"),
           prompt: str | None = typer.Option(None, help="use this text instead of the shipped prompts"),
-          samples: int = typer.Option(1, help="samples kept per signature"),
+          samples: int = typer.Option(1, help="samples kept per signature: its first call, and with K > 1 the K-1 "
+                                                "calls whose inputs differ most (|max|, NaN/Inf, masked rows, "
+                                                "integer range)"),
           progress: bool = typer.Option(True, help="show a progress bar"),
           frontend: str = typer.Option("torch", "--frontend",
                                        help="torch: ATen calls of the run; tvm: TIR kernel calls of the model's "
@@ -59,10 +61,23 @@ def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or 
               f"overloads, {_human(s['disk_bytes'])} on disk, {s['runs']} run(s)")
 
 
+def _sampling(options: dict) -> str:
+    """How a run chose its samples, from its options (`tapml show`)."""
+    k = options.get("samples")
+    if not isinstance(k, int):
+        return "?"
+    if k == 1:
+        return "1: the first call"
+    if options.get("sampling") == "diverse":
+        return f"{k}: the first call + the {k - 1} most distinct (|max|, NaN/Inf, masked rows, int range)"
+    return f"{k}: the first {k} calls"
+
+
 @app.command()
 def show(store: Path = typer.Argument(..., help="case store directory"),
          cases: bool = typer.Option(False, "--cases", help="list every case too")) -> None:
     """Summarize a case store: cases, calls covered, op kinds, bytes, runs."""
+    from tapml.diverse import describe
     from tapml.ops import describe_signature
     from tapml.store import summarize
 
@@ -72,10 +87,11 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
               f"overloads, {s['samples']} samples, {s['blobs']} blobs ({_human(s['blob_bytes'])}), "
               f"{_human(s['disk_bytes'])} on disk")
     t = Table(title="runs", title_justify="left")
-    for c in ("id", "model", "status", "calls", "description"):
+    for c in ("id", "model", "status", "calls", "samples per signature", "description"):
         t.add_column(c)
     for r in runs:
-        t.add_row(str(r["id"]), escape(r["model"]), r["status"], str(r["calls"]), escape(r["description"] or ""))
+        t.add_row(str(r["id"]), escape(r["model"]), r["status"], str(r["calls"]), _sampling(r["options"]),
+                  escape(r["description"] or ""))
     out.print(t)
     t = Table(title="op kinds", title_justify="left")
     for c in ("op", "cases", "calls"):
@@ -88,6 +104,11 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
         first = c.first
         out.print(f"{c.id:5d} {escape(c.op)} {escape(args)} ×{c.count} [dim]{escape(str(first.get('module', '')))} "
                   f"{escape(str(first.get('phase', '')))}[/]")
+        chosen = summary.choices.get(c.id, [])
+        if any(x["chosen"] for x in chosen):  # carved with diverse samples: say why each was kept
+            for x in chosen:
+                how = describe(x["chosen"])
+                out.print(f"        sample: call {x['index']} ({escape(str(x['phase']))}): {escape(how)}")
 
 
 @app.command()

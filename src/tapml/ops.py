@@ -11,7 +11,7 @@ import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ import xxhash
 
 from tapml.errors import TapmlError, UnknownOp
 
+# Ops that may read storage outside their input view: the whole storage is kept for them.
+WHOLE_STORAGE = frozenset({"aten.as_strided.default", "aten.as_strided_.default", "aten.as_strided_scatter.default"})
 # Ops whose result depends on the random generator (torch tags them `nondeterministic_seeded`).
 _SEEDED = torch.Tag.nondeterministic_seeded
 
@@ -207,10 +209,40 @@ def decode_args(spec: Any, tensors: list[Any]) -> tuple[tuple, dict]:
 
 # --- tensor metadata and compact capture -------------------------------------------------------------------
 
+def default_strides(shape: torch.Size | tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """The strides of a fresh contiguous tensor of `shape` (as torch makes them: a size 0 counts as 1)."""
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(out))
+
+
+def default_layout(t: torch.Tensor) -> bool:
+    """True when `t` is laid out exactly as a fresh contiguous tensor: offset 0 and every stride the default one,
+    size-1 dims included (torch's `is_contiguous()` ignores those: a KV-cache slice [2,4,1,32] with stride 128 on
+    its size-1 dim is `contiguous`, and a kernel may still read that stride)."""
+    return t.storage_offset() == 0 and t.stride() == _default_strides(t.shape)
+
+
+@lru_cache(maxsize=8192)
+def _default_strides(shape: torch.Size) -> tuple[int, ...]:
+    return default_strides(shape)
+
+
+def odd_layout(t: torch.Tensor) -> bool:
+    """A storage offset, or a size-1 dim whose stride is not the default one: the layouts `is_contiguous()` does
+    not see (used by the `layout` fault)."""
+    if t.storage_offset() != 0:
+        return True
+    return any(n == 1 and s != d for n, s, d in zip(t.shape, t.stride(), _default_strides(t.shape)))
+
+
 def tensor_meta(t: torch.Tensor) -> dict[str, Any]:
-    """Shape, dtype and (only when they matter: non-contiguous or offset) strides and storage offset."""
+    """Shape, dtype and, unless the layout is exactly the default one (`default_layout`), the live strides and
+    storage offset: size-1 dims' strides and the offsets of views are part of what a call saw."""
     meta: dict[str, Any] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-    if not t.is_contiguous() or t.storage_offset() != 0:
+    if not default_layout(t):
         meta["stride"] = list(t.stride())
         meta["offset"] = t.storage_offset()
     return meta
@@ -256,15 +288,44 @@ def rebuild(values: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
     if "stride" not in meta:
         return values.reshape(shape).to(dtype).clone() if values.numel() else torch.empty(shape, dtype=dtype)
     stride, offset = meta["stride"], meta["offset"]
-    extent = offset + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0) + 1
-    if any(n == 0 for n in shape):
-        extent = offset
-    storage = torch.zeros(max(extent, 0), dtype=dtype)
+    storage = torch.zeros(_extent(shape, stride, offset), dtype=dtype)
     compact_shape = [1 if s == 0 and n > 1 else n for n, s in zip(shape, stride)]
     view = torch.as_strided(storage, compact_shape, stride, offset)
     if view.numel():
         view.copy_(values.reshape(compact_shape))
     return torch.as_strided(storage, shape, stride, offset)
+
+
+def clone_layout(t: torch.Tensor, whole: bool = False) -> torch.Tensor:
+    """A copy of `t` with its exact layout: shape, strides (size-1 dims' included) and storage offset.
+
+    The new storage holds t's values where its view reaches and zeros elsewhere; `whole`: all of t's storage is
+    copied instead (ops such as `as_strided` read outside their input's view). A default-layout tensor is simply
+    cloned."""
+    t = t.detach()
+    if default_layout(t):
+        return t.clone(memory_format=torch.contiguous_format)
+    shape, stride, offset = t.shape, t.stride(), t.storage_offset()
+    if not whole:
+        storage = torch.zeros(_extent(shape, stride, offset), dtype=t.dtype, device=t.device)
+        index = tuple(slice(0, 1) if s == 0 and n > 1 else slice(None) for n, s in zip(shape, stride))
+        compact_shape = [1 if s == 0 and n > 1 else n for n, s in zip(shape, stride)]
+        try:
+            torch.as_strided(storage, compact_shape, stride, offset).copy_(t[index])
+            return torch.as_strided(storage, shape, stride, offset)
+        except RuntimeError:  # a self-overlapping view other than broadcast dims: copy the storage instead
+            pass
+    n = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+    storage = torch.empty(n, dtype=t.dtype, device=t.device)
+    storage.copy_(torch.as_strided(t, (n,), (1,), 0))
+    return torch.as_strided(storage, shape, stride, offset)
+
+
+def _extent(shape: Any, stride: Any, offset: int) -> int:
+    """Elements a storage needs for the view (shape, stride, offset)."""
+    if any(n == 0 for n in shape):
+        return offset
+    return offset + sum((n - 1) * s for n, s in zip(shape, stride)) + 1
 
 
 def content_hash(t: torch.Tensor) -> str:

@@ -8,24 +8,20 @@ bounds the run (`timeout`); the layout, the writer thread and what a failed run 
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tapml.diverse import Kept, Pool, summarize
 from tapml.errors import TapmlError
 from tapml.ops import (
+    WHOLE_STORAGE,
     Unserializable,
     compact,
     content_hash,
@@ -41,11 +37,10 @@ from tapml.ops import (
 from tapml.paths import check_output_dir
 from tapml.progress import Bar
 from tapml.results import CarveResult
+from tapml.runguard import TimeLimit, check_timeout, frozen_heap
 from tapml.store import Batch, CaseSpec, CaseStore, PendingSample, Recording
 from tapml.workload import Location, Workload, load_workload, track
 
-# Ops that may read storage outside their input view: the whole storage is kept for them.
-_WHOLE_STORAGE = {"aten.as_strided.default", "aten.as_strided_.default", "aten.as_strided_scatter.default"}
 # Flush a batch to disk after this many samples or bytes (bounds memory and what a crash can lose).
 _FLUSH_SAMPLES = 512
 _FLUSH_BYTES = 64 << 20
@@ -95,6 +90,12 @@ class Recorder(TorchDispatchMode):
         # Keyed by the recorded memory span, so a weight and its transposed view are hashed once.
         self._param_ptrs = {p.untyped_storage().data_ptr() for p in params} - {0}
         self._param_hash: dict[tuple, str] = {}
+        # K > 1 (`tapml.diverse`): per signature, the calls held beyond its first; their blobs, kept apart and
+        # counted by reference until the run ends (only the survivors' are committed); parameter storage ->
+        # hashes of held blobs that are views of it.
+        self._pools: dict[str, Pool] = {}
+        self._held: dict[str, list] = {}
+        self._held_refs: dict[int, list[str]] = {}
 
     # --- the dispatch hook ------------------------------------------------------------------------------
     def __enter__(self):
@@ -109,6 +110,8 @@ class Recorder(TorchDispatchMode):
         if self._native is not None:
             self._native.disable()
             self._sync()
+        if exc[0] is None:
+            self._commit_kept()
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -133,18 +136,22 @@ class Recorder(TorchDispatchMode):
                 self._by_key[key] = entry
         entry.calls += 1
         sig = entry.signature
-        if not entry.replayable or self._sampled.get(sig, 0) >= self.k:
+        pending = None
+        if entry.replayable and (self._sampled.get(sig, 0) < self.k or sig in self._pools):
+            pending = self._consider(entry, func, args, kwargs, index, tensors)
+        if not pending:
             out = func(*args, **kwargs)
             if self.naive_bytes is not None:
                 self.naive_bytes += _nbytes(pytree.tree_leaves((args, kwargs))) + _nbytes(pytree.tree_leaves(out))
             return out
-        pending = self._begin(entry, func, args, kwargs, index, tensors)
         out = func(*args, **kwargs)
         self._finish(pending, out)
         return out
 
     # The native hook (tapml/_native/carve_hook.cpp) counts every call in C++ and calls these two only for a
     # call key it has not seen or one whose signature may still need a sample; it runs the op in between.
+    # `_native_before` returns None (never again: the key is only counted from now on), False (not this call)
+    # or the pending sample that `_native_after` completes.
     def _native_before(self, func, args, kwargs, index, slot, is_new):
         tensors = None
         if slot < 0:  # a call the native key does not cover: resolved every time, counted here
@@ -155,14 +162,43 @@ class Recorder(TorchDispatchMode):
             self._slots[slot] = entry
         else:
             entry = self._slots[slot]
-        if not entry.replayable or self._sampled.get(entry.signature, 0) >= self.k:
-            return None  # never sampled again: the native side only counts this key from now on
-        return self._begin(entry, func, args, kwargs, index, tensors)
+        if not entry.replayable:
+            return None
+        return self._consider(entry, func, args, kwargs, index, tensors)
 
     def _native_after(self, pending, out) -> bool:
         entry = pending[0]
         self._finish(pending, out)
-        return self._sampled.get(entry.signature, 0) >= self.k
+        pool = self._pools.get(entry.signature)
+        return pool.settled if pool is not None else self._sampled.get(entry.signature, 0) >= self.k
+
+    def _consider(self, entry, func, args, kwargs, index, tensors=None):
+        """Whether to sample this call: None (the signature needs no more samples), False (not this call) or the
+        pending sample (`_begin`). K = 1: the first call of each signature, nothing else computed. K > 1: the first
+        call, then calls whose input summaries are more distinct than those held (`tapml.diverse`); those are
+        held until the run ends and only the survivors are committed."""
+        sig = entry.signature
+        n = self._sampled.get(sig, 0)
+        pool = self._pools.get(sig)
+        if pool is None and (self.k == 1 or n >= self.k):
+            return None if n >= self.k else self._begin(entry, func, args, kwargs, index, tensors)
+        if tensors is None:
+            _, tensors = encode_args(args, kwargs)
+        summary = summarize(tensors, self._param_ptrs)
+        if pool is None:
+            # The signature's first call in this run: its first sample unless the store has one, and in any case
+            # the ordinary call the others must differ from (a store's samples from earlier runs have no summary).
+            first = n == 0
+            pool = self._pools[sig] = Pool(self.k - n - first, [summary])
+            if first:
+                return self._begin(entry, func, args, kwargs, index, tensors, chosen={"by": "first"})
+            return False
+        if pool.settled:
+            return None
+        spot = pool.offer(index, summary)
+        if spot is None:
+            return False
+        return self._begin(entry, func, args, kwargs, index, tensors, held=(pool, spot, Kept(index, summary)))
 
     def _guard_writes(self, func, args: tuple, kwargs: dict) -> None:
         """Python mode: what the native hook does before a writing op (see `_on_write`)."""
@@ -187,6 +223,10 @@ class Recorder(TorchDispatchMode):
             v = self._pending_blobs.get(h)
             if v is not None and v.untyped_storage().data_ptr() == ptr:
                 self._pending_blobs[h] = v.clone()
+        for h in self._held_refs.pop(ptr, ()):
+            held = self._held.get(h)
+            if held is not None and held[0].untyped_storage().data_ptr() == ptr:
+                held[0] = held[0].clone()
         seq = self._inflight.pop(ptr, None)
         if seq is not None:
             self._recording.wait(seq)
@@ -202,38 +242,93 @@ class Recorder(TorchDispatchMode):
             self._slots[slot].calls += n
         self.calls = self._native.calls()
 
-    def _begin(self, entry, func, args, kwargs, index, tensors=None) -> tuple:
-        """Before running a sampled call: RNG state and, for mutating ops, the inputs."""
+    def _begin(self, entry, func, args, kwargs, index, tensors=None, chosen=None, held=None) -> tuple:
+        """Before running a sampled call: RNG state and, for mutating ops, the inputs. `held`: (pool, spot, Kept)
+        for a call kept until the run ends, whose blobs are held apart (`_hold`) and committed only if it stays."""
         if tensors is None:
             _, tensors = encode_args(args, kwargs)
-        whole = entry.op in _WHOLE_STORAGE
+        whole = entry.op in WHOLE_STORAGE
+        hold = None if held is None else held[2].blobs
         rng = None
         if entry.random:
             gen = kwargs.get("generator")
             state = gen.get_state() if isinstance(gen, torch.Generator) else torch.get_rng_state()
-            rng = self._put(state.clone())
+            rng = self._put(state.clone(), hold)
         # A mutating op's inputs are copied now: it is about to overwrite them.
-        inputs = ([self._capture(t, whole, m, copy=True) for t, m in zip(tensors, entry.metas)]
+        inputs = ([self._capture(t, whole, m, copy=True, hold=hold) for t, m in zip(tensors, entry.metas)]
                   if mutated_args(func) else None)
-        return entry, tensors, whole, rng, inputs, index
+        return entry, tensors, whole, rng, inputs, index, chosen, held
 
     def _finish(self, pending, out) -> None:
-        entry, tensors, whole, rng, inputs, index = pending
+        entry, tensors, whole, rng, inputs, index, chosen, held = pending
         sig = entry.signature
+        hold = None if held is None else held[2].blobs
         if inputs is None:
-            inputs = [self._capture(t, whole, m) for t, m in zip(tensors, entry.metas)]
+            inputs = [self._capture(t, whole, m, hold=hold) for t, m in zip(tensors, entry.metas)]
         out_tensors: list[torch.Tensor] = []
         out_spec = encode_value(out, out_tensors) if not isinstance(out, torch.Tensor) else {"T": 0}
         if isinstance(out, torch.Tensor):
             out_tensors = [out]
-        outputs = {"spec": out_spec, "tensors": [self._capture(t, False, tensor_meta(t)) for t in out_tensors]}
+        outputs = {"spec": out_spec, "tensors": [self._capture(t, False, tensor_meta(t), hold=hold)
+                                                 for t in out_tensors]}
         if self.naive_bytes is not None:
             self.naive_bytes += _nbytes(tensors) + _nbytes(out_tensors)
-        self._sampled[sig] = self._sampled.get(sig, 0) + 1
         where = self.where
-        self._pending_samples.append(PendingSample(sig, where.module, where.phase, index, inputs, outputs, rng))
+        sample = PendingSample(sig, where.module, where.phase, index, inputs, outputs, rng, chosen)
+        if held is not None:
+            pool, (pos, replaced), kept = held
+            kept.sample = sample
+            if replaced is not None:
+                self._unhold(replaced.blobs)
+            if pos < len(pool.kept):
+                pool.kept[pos] = kept
+            else:
+                pool.kept.append(kept)
+            return
+        self._sampled[sig] = self._sampled.get(sig, 0) + 1
+        self._pending_samples.append(sample)
         if len(self._pending_samples) >= self.flush_samples or self._pending_bytes >= _FLUSH_BYTES:
             self.flush()
+
+    # --- samples held until the run ends (K > 1) -------------------------------------------------------
+    def _hold(self, h: str, values: torch.Tensor, ptr: int) -> None:
+        """Keep a held sample's blob apart from the pending ones, counted by reference: a parameter's values by
+        reference (watched; `_on_write` copies them before a write), anything else live as a copy, so that a held
+        sample never pins an activation's storage for the rest of the run."""
+        entry = self._held.get(h)
+        if entry is not None:
+            entry[1] += 1
+            return
+        if ptr in self._param_ptrs:
+            self._held_refs.setdefault(ptr, []).append(h)
+        elif ptr:
+            values = values.clone()
+        self._held[h] = [values, 1]
+
+    def _unhold(self, hashes: list[str]) -> None:
+        """A held sample was replaced: its blobs go unless another held sample uses them (never committed)."""
+        for h in hashes:
+            entry = self._held.get(h)
+            if entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._held[h]
+
+    def _commit_kept(self) -> None:
+        """At the end of a run: the held samples that stayed join the pending ones, with their blobs."""
+        for sig, pool in self._pools.items():
+            for kept in sorted(pool.kept, key=lambda k: k.index):
+                kept.sample.chosen = pool.why(kept)
+                self._sampled[sig] = self._sampled.get(sig, 0) + 1
+                self._pending_samples.append(kept.sample)
+        for h, (values, _) in self._held.items():
+            if h not in self._known and h not in self._pending_blobs:
+                self._pending_blobs[h] = values
+                self._pending_bytes += values.numel() * values.element_size()
+                ptr = values.untyped_storage().data_ptr()
+                if ptr in self._param_ptrs:  # by reference: the writer re-hashes it
+                    self._refs.setdefault(ptr, []).append(h)
+        self._pools, self._held, self._held_refs = {}, {}, {}
 
     def _entry(self, func, args: tuple, kwargs: dict) -> tuple[CaseSpec, list]:
         """The CaseSpec of this call's signature (made once per signature; it counts calls between commits), and
@@ -253,9 +348,11 @@ class Recorder(TorchDispatchMode):
                                                  is_seeded_random(func, args, kwargs), spec_json, metas_json)
         return entry, tensors
 
-    def _capture(self, t: torch.Tensor, whole: bool, meta: dict, copy: bool = False) -> list:
+    def _capture(self, t: torch.Tensor, whole: bool, meta: dict, copy: bool = False,
+                 hold: list[str] | None = None) -> list:
         """[hash, meta] of `t` (`meta`: its tensor_meta); its values join the pending blobs (by reference unless
-        `copy`) when new. (Runs for every tensor of every sample: kept lean.)"""
+        `copy`) when new, or with `hold` (a held sample's blob list) the held ones. (Runs for every tensor of
+        every sample: kept lean.)"""
         ptr = t.untyped_storage().data_ptr()
         if whole:
             n = t.untyped_storage().nbytes() // t.element_size()
@@ -281,6 +378,10 @@ class Recorder(TorchDispatchMode):
                 return [h, meta]
         h = content_hash(values)
         if h not in self._known and h not in self._pending_blobs:
+            if hold is not None:  # no hash-cache entry: the cache may only name blobs that will be committed
+                self._hold(h, values, ptr if shared else 0)
+                hold.append(h)
+                return [h, meta]
             nbytes = values.numel() * values.element_size()
             if shared:
                 if nbytes < _REF_BYTES:
@@ -294,10 +395,14 @@ class Recorder(TorchDispatchMode):
             self._param_hash[key] = h
         return [h, meta]
 
-    def _put(self, values: torch.Tensor) -> str:
-        """Content-address a private copy and keep it when new (the RNG state)."""
+    def _put(self, values: torch.Tensor, hold: list[str] | None = None) -> str:
+        """Content-address a private copy and keep it when new (the RNG state); `hold` as for `_capture`."""
         h = content_hash(values)
         if h not in self._known and h not in self._pending_blobs:
+            if hold is not None:
+                self._hold(h, values, 0)
+                hold.append(h)
+                return h
             self._pending_blobs[h] = values
             self._pending_bytes += values.numel() * values.element_size()
         return h
@@ -387,9 +492,8 @@ def _key(args, _T=_Tensor) -> tuple:
     out = []
     add = out.append
     for x in args:
-        if isinstance(x, _T):
-            off = x.storage_offset()
-            add((x.shape, x.dtype, x.stride(), off) if off or not x.is_contiguous() else (x.shape, x.dtype))
+        if isinstance(x, _T):  # the exact layout: a size-1 dim's stride or an offset makes another signature
+            add((x.shape, x.dtype, x.stride(), x.storage_offset()))
             continue
         t = type(x)
         if t is int or t is str or x is None:
@@ -419,7 +523,9 @@ def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_
 
     frontend: `torch` records every ATen call of the run (LLMs: greedy generate() of `max_new_tokens` with the
     KV cache; `prompt` instead of the shipped prompts); `tvm` records the TIR kernel calls of the model's forward
-    in TVM's Relax VM (see `tapml.frontends.tvm`). samples: samples kept per signature. workload: run this
+    in TVM's Relax VM (see `tapml.frontends.tvm`). samples: samples kept per signature: its first call, and with
+    K > 1 the K-1 further calls whose inputs differ most (`tapml.diverse`; the tvm frontend keeps the first K).
+    workload: run this
     instead of building MODEL. timeout: seconds the model run may take (torch frontend); it is a SIGALRM, so a
     carve with one must run in the main thread, and it stops the run at its next Python step. On any failure,
     the time limit included, the run is discarded and the store is left as it was before the call (one the call
@@ -439,17 +545,19 @@ def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_
         raise TapmlError(f"--samples must be ≥ 1 (got {samples})")
     if max_new_tokens < 1:
         raise TapmlError(f"--max-new-tokens must be ≥ 1 (got {max_new_tokens})")
-    _check_timeout(timeout)
+    check_timeout(timeout)
     flush, native = _env_flush(), _env_native()  # bad values fail before anything is written
     if workload is None:
         name, workload = load_workload(model, prompt, max_new_tokens)
     else:
         name = model
-    limit = _TimeLimit(timeout)
+    limit = TimeLimit(timeout)
     try:
         with CaseStore.create(Path(out)) as store:  # a failure takes back what this call wrote, nothing else
             before = {c.signature for c in store.cases()}
             options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
+            if samples > 1:  # how they were chosen (`tapml show`); a K = 1 run's row is what it always was
+                options["sampling"] = "diverse"
             with store.record(name, workload.description, options) as recording:
                 params = list(workload.model.parameters()) + list(workload.model.buffers())
                 rec = Recorder(recording, samples, params, naive_bytes=naive_bytes, flush_samples=flush,
@@ -459,7 +567,7 @@ def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_
                     steps = max_new_tokens if workload.generates else None
                     bar = stack.enter_context(Bar(progress, "carve", f"{name} (forward steps)", steps))
                     rec.where = track(stack, workload, bar.advance)
-                    stack.enter_context(_frozen_heap())
+                    stack.enter_context(frozen_heap())
                     stack.enter_context(torch.no_grad())
                     stack.enter_context(rec)
                     with limit:  # innermost: the limit covers the model run, not the final commit
@@ -478,66 +586,3 @@ def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_
     seen = set(rec._counts)
     return CarveResult(str(out), recording.run_id, name, workload.description, rec.calls, len(seen),
                        len(seen - before), stats["samples"], seconds, stats, rec.naive_bytes)
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is None:
-        return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
-            or timeout <= 0:
-        raise TapmlError(f"--timeout must be a finite number of seconds > 0 (got {timeout!r})")
-    if threading.current_thread() is not threading.main_thread():
-        raise TapmlError("a carve with a time limit (--timeout) must run in the main thread: the limit is a "
-                         "SIGALRM, which Python handles there only")
-
-
-class _Expired(BaseException):
-    """The time limit is up (a BaseException, as KeyboardInterrupt: a model's `except Exception` must not eat it)."""
-
-
-class _TimeLimit:
-    """SIGALRM after `seconds` raises _Expired in the main thread, wherever the run is in Python code; a timer of
-    another part of the process that was armed is given back what is left of it."""
-
-    def __init__(self, seconds: float | None):
-        self.seconds, self.armed, self.expired = seconds, False, False
-
-    def _fire(self, signum: int, frame: Any) -> None:
-        if self.armed:  # a signal delivered just as the limit was lifted is ignored
-            self.expired = True
-            raise _Expired
-
-    def __enter__(self) -> None:
-        if self.seconds is None:
-            return
-        self.old_handler = signal.signal(signal.SIGALRM, self._fire)
-        self.armed, self.started = True, time.monotonic()
-        self.old_timer = signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 1e-6))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.seconds is None:
-            return
-        self.armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, self.old_handler)
-        delay, interval = self.old_timer
-        if delay > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(delay - (time.monotonic() - self.started), 1e-6), interval)
-        if self.expired and exc[0] is None:  # the model caught the expiry and went on: it still ran too long
-            raise _Expired
-
-
-@contextlib.contextmanager
-def _frozen_heap():
-    """Keep the objects that exist before the run (the model, torch, transformers: hundreds of thousands) out of
-    the garbage collector's passes while recording, as `gc.freeze` does for forked servers. The samples the
-    Recorder keeps are long-lived objects too; with the whole heap in the oldest generation they trigger full
-    collections that stall the run for 100-200 ms each. Left alone when the process has frozen objects itself."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()

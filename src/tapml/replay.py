@@ -21,24 +21,18 @@ from tapml.backends import Backend, open_backend
 from tapml.backends.reference import TorchBackend, oracle
 from tapml.compare import Verdict, judge
 from tapml.errors import TapmlError, UnknownOp, first_line
-from tapml.ops import OpCall, describe_signature, encode_args, tensor_meta
+from tapml.ops import OpCall, clone_layout, describe_signature, encode_args, tensor_meta
 from tapml.progress import Bar
 from tapml.results import AmplifiedResult, CaseResult, TestRun
 from tapml.store import Case, CaseStore
 
 
 def clone_call(call: OpCall) -> OpCall:
-    """A copy whose tensors the backend may mutate (in-place ops) without touching the original."""
-    args, kwargs = pytree.tree_map_only(torch.Tensor, _clone_keep_strides, (call.args, call.kwargs))
+    """A copy whose tensors the backend may mutate (in-place ops) without touching the original, each with the
+    layout it was recorded with (strides of size-1 dims and storage offsets included) and all of its storage."""
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: clone_layout(t, whole=True),
+                                        (call.args, call.kwargs))
     return OpCall(call.op, args, kwargs, call.outputs, call.provenance, call.rng_state)
-
-
-def _clone_keep_strides(t: torch.Tensor) -> torch.Tensor:
-    if t.is_contiguous() and t.storage_offset() == 0:
-        return t.clone()
-    storage = torch.empty(t.untyped_storage().nbytes() // max(t.element_size(), 1), dtype=t.dtype)
-    storage.copy_(torch.as_strided(t, storage.shape, (1,), 0))
-    return torch.as_strided(storage, t.shape, t.stride(), t.storage_offset())
 
 
 def check_sample(backend: Backend, oracle: Backend, case: Case, call: OpCall) -> tuple[str, Verdict | None, str]:

@@ -307,3 +307,49 @@ def test_cli_debug_whole_flow_with_html(tmp_path):
     text = html.read_text()
     assert "<svg" in text and "aten.addmm.default" in text and "test_culprit" in text
     assert (tmp_path / "d" / "test_repro.py").exists()
+
+
+class _MulLayouts(TorchDispatchMode):
+    """Whether each aten.mul.Tensor call of a run has an input laid out as `odd_layout` says (a storage offset,
+    or a size-1 dim with a stride torch's `is_contiguous()` ignores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.odd = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from tapml.ops import odd_layout
+
+        if str(func) == "aten.mul.Tensor":
+            self.odd.append(any(odd_layout(t) for t in pytree.tree_leaves((args, kwargs or {}))
+                                if isinstance(t, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_layout_only_fault_is_named_by_migrate_and_its_repro_fails_under_it(tmp_path):
+    """A fault that shows only on views (Llama's decode-step query [2,4,1,32] has stride 128 on its size-1 dim):
+    migrate names its first instance, and the repro, replaying the culprit's inputs in their live layout, fails
+    under the fault (an older tapml stored them contiguous: its repro passed while saying it fails) and passes
+    without it."""
+    work, mode = load_workload("llama", None, 2)[1], _MulLayouts()
+    with torch.no_grad(), mode:
+        work.run()
+    k = mode.odd.index(True)
+    assert not any(mode.odd[:k]) and k > 0
+    j = tmp_path / "r.json"
+    fault = "layout:aten.mul.Tensor"
+    r = tapml("migrate", "llama", "--target", "torch", "--inject", fault, "--json", str(j), "--max-new-tokens", "2",
+              "--tol", "1e-6")
+    assert r.returncode == 1, r.stderr
+    c = json.loads(j.read_text())["culprit"]
+    assert (c["op"], c["index"]) == ("aten.mul.Tensor", k) and c["phase"] == "decode:0"
+    path = tmp_path / "test_repro.py"
+    r = tapml("repro", str(j), "--out", str(path))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "1 failed" in r.stdout, r.stdout[-2000:]
+    path.write_text(path.read_text().replace(f"FAULT = {fault!r}", "FAULT = None"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:]

@@ -142,3 +142,36 @@ class Endless(torch.nn.Module):
 
 def make_endless():
     return Endless(), (torch.ones(200, 8),)
+
+
+class Views(torch.nn.Module):
+    """The same op on views whose layout `is_contiguous()` does not show, and on a fresh tensor of the same shape:
+    a decode step's query slice [2,4,1,32] with stride 128 on its size-1 dim (as Llama's KV-cache attention makes
+    it) and a [1,32] row read at a storage offset."""
+
+    def forward(self, x):
+        q = x.transpose(1, 2)  # [2,4,1,32], strides (128, 32, 128, 1)
+        fresh = q.clone(memory_format=torch.contiguous_format)  # strides (128, 32, 32, 1)
+        row = x.reshape(-1)[32:64].view(1, 32)  # offset 32
+        return (q * 2.0).sum() + (fresh * 2.0).sum() + (row * 3.0).sum() + (x.reshape(-1)[:32].view(1, 32) * 3.0).sum()
+
+
+def make_views():
+    torch.manual_seed(0)
+    return Views(), (torch.randn(2, 1, 4, 32),)
+
+
+class Varied(torch.nn.Module):
+    """One op (softmax over a row of 16) called 40 times on rows that differ: ordinary ones, one with a big outlier
+    (row 17) and one fully masked (row 29: -inf everywhere, as a padded query row of an attention mask)."""
+
+    def forward(self, rows):
+        return torch.stack([torch.softmax(rows[i].clone(), -1) for i in range(rows.shape[0])])
+
+
+def make_varied():
+    torch.manual_seed(0)
+    rows = torch.randn(40, 16)
+    rows[17, 5] = 1e4
+    rows[29] = float("-inf")
+    return Varied(), (rows,)

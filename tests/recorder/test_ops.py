@@ -1,4 +1,5 @@
-"""OpCall helpers: argument encoding round-trips, compact capture and rebuild keep strides, signatures."""
+"""OpCall helpers: argument encoding round-trips, compact capture and rebuild keep exact layouts (size-1 dims'
+strides and storage offsets included), signatures."""
 
 import math
 
@@ -7,10 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tapml.ops import (
+    clone_layout,
     compact,
     content_hash,
     decode_args,
+    default_layout,
     encode_args,
+    odd_layout,
     rebuild,
     resolve_op,
     signature,
@@ -50,6 +54,58 @@ def test_rebuild_restores_strided_views(rows, cols, start, transpose):
     back = rebuild(values, {**meta, "span": True} if span else meta)
     assert torch.equal(back, view)
     assert back.stride() == view.stride() and back.storage_offset() == view.storage_offset()
+
+
+def _kv_slice() -> torch.Tensor:
+    """A decode step's query as Llama makes it: [2,1,4,32] transposed to [2,4,1,32], stride 128 on the size-1 dim
+    (`is_contiguous()` says True: torch ignores size-1 strides)."""
+    return torch.arange(256.0).reshape(2, 1, 4, 32).transpose(1, 2)
+
+
+def _views() -> list[torch.Tensor]:
+    base = torch.arange(600.0)
+    return [_kv_slice(), base[32:64].view(1, 32), base[5:].view(5, 1, 119)[:, :, 3:], base.view(20, 30).t()[2:9],
+            base[7:17].expand(3, 10), torch.ones(3, 0, 2)[:, :, 1:]]
+
+
+def test_tensor_meta_keeps_the_live_layout_of_views_torch_calls_contiguous():
+    q = _kv_slice()
+    assert q.is_contiguous() and q.stride() == (128, 32, 128, 1)
+    meta = tensor_meta(q)
+    assert meta["stride"] == [128, 32, 128, 1] and meta["offset"] == 0
+    off = torch.arange(100.0)[32:64].view(1, 32)
+    assert off.is_contiguous() and tensor_meta(off)["offset"] == 32
+    fresh = torch.ones(2, 4, 1, 32)
+    assert default_layout(fresh) and "stride" not in tensor_meta(fresh)  # as stores have always held them
+    assert odd_layout(q) and odd_layout(off) and not odd_layout(fresh)
+
+
+@settings(max_examples=60, deadline=None)
+@given(which=st.integers(0, 5), whole=st.booleans())
+def test_rebuild_and_clone_layout_give_back_the_exact_layout(which, whole):
+    view = _views()[which]
+    values, span = compact(view)
+    meta = tensor_meta(view)
+    for back in (rebuild(values.clone(), {**meta, "span": True} if span else meta), clone_layout(view, whole)):
+        assert torch.equal(back, view)
+        assert (back.shape, back.stride(), back.storage_offset()) == (view.shape, view.stride(),
+                                                                      view.storage_offset())
+        assert view.numel() == 0 or back.untyped_storage().data_ptr() != view.untyped_storage().data_ptr()
+    if whole:  # the storage around the view too (as_strided reads it)
+        w = clone_layout(view, whole=True)
+        assert w.untyped_storage().nbytes() == view.untyped_storage().nbytes()
+
+
+def test_a_layout_is_part_of_the_signature():
+    def sig(t):
+        spec, ts = encode_args((t, 2.0), {})
+        return signature("aten.mul.Tensor", spec, ts)
+
+    q = _kv_slice()
+    assert sig(q) != sig(q.clone(memory_format=torch.contiguous_format))
+    assert sig(q) == sig(torch.zeros(2, 1, 4, 32).transpose(1, 2))  # values do not matter
+    base = torch.arange(100.0)
+    assert sig(base[32:64].view(1, 32)) != sig(base[:32].view(1, 32))
 
 
 def test_transposed_weight_is_kept_as_its_memory_span():

@@ -249,16 +249,18 @@ def _carve_summary(path, monkeypatch, native: str, **kw):
     _, work = load_workload("llama", None, 4)
     r = carve("llama", path, workload=work, max_new_tokens=4, progress=False, **kw)
     with CaseStore.open(path) as st:
-        cases = sorted((c.signature, c.op, c.count, c.n_samples, repr(c.first)) for c in st.cases())
+        cases = sorted((c.signature, c.op, c.count, c.n_samples, repr(c.first), c.metas,
+                        [(x.provenance.index, x.chosen) for x in st.samples(c.id)]) for c in st.cases())
         table = [dict(row) for row in st.op_table()]
         stats = {k: v for k, v in st.stats().items() if k != "disk_bytes"}
     return (r.calls, r.cases, r.samples), cases, table, stats
 
 
 def test_native_and_python_recorders_write_the_same_store(tmp_path, monkeypatch):
-    """Call counts, per-case occurrences, samples and provenance do not depend on which recorder ran."""
+    """Call counts, per-case occurrences, exact layouts, samples (which calls, and why: diverse ones with K > 1) and
+    provenance do not depend on which recorder ran."""
     _native_or_skip()
-    for samples in (1, 2):
+    for samples in (1, 3):
         py = _carve_summary(tmp_path / f"py{samples}", monkeypatch, "0", samples=samples)
         nat = _carve_summary(tmp_path / f"nat{samples}", monkeypatch, "1", samples=samples)
         assert py[0][0] > 1000 and py[0] == nat[0]
@@ -410,3 +412,24 @@ def test_a_load_killed_mid_way_does_not_hang_the_next_carve(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
                        env={**os.environ, "TAPML_NATIVE_DIR": str(tmp_path / "native")})
     assert r.returncode == 0 and "loaded" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_views_keep_their_live_layout_and_a_layout_fault_is_caught(tmp_path, monkeypatch, native):
+    """A size-1 dim's stride and a storage offset are part of what a call saw: the case keeps them (one case per
+    layout), replay hands them to the target, and a fault that shows only on such views fails those cases."""
+    if native == "1":
+        _native_or_skip()
+    monkeypatch.setenv("TAPML_CARVE_NATIVE", native)
+    carve(model_ref("make_views"), tmp_path / "s", progress=False)
+    layouts = {}
+    with CaseStore.open(tmp_path / "s") as st:
+        for c in st.cases("aten.mul.Tensor"):
+            (x,) = [t for t in st.load_call(c, st.samples(c.id)[0]).args if isinstance(t, torch.Tensor)]
+            layouts[(tuple(x.shape), x.stride(), x.storage_offset())] = c.id
+    assert set(layouts) == {((2, 4, 1, 32), (128, 32, 128, 1), 0), ((2, 4, 1, 32), (128, 32, 32, 1), 0),
+                            ((1, 32), (32, 1), 32), ((1, 32), (32, 1), 0)}
+    assert run_tests(str(tmp_path / "s"), "torch", progress=False).exit_code == 0
+    run = run_tests(str(tmp_path / "s"), "torch", progress=False, inject="layout:aten.mul.Tensor")
+    failed = {r.case_id for r in run.results if r.status == "fail"}
+    assert failed == {layouts[((2, 4, 1, 32), (128, 32, 128, 1), 0)], layouts[((1, 32), (32, 1), 32)]}

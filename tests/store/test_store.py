@@ -6,6 +6,7 @@ import pytest
 from conftest import model_ref
 
 from tapml.errors import TapmlError
+from tapml.ops import default_strides, signature_parts
 from tapml.recorder import carve
 from tapml.store import CaseStore
 
@@ -71,3 +72,77 @@ def test_a_name_too_long_is_a_one_line_error_not_an_oserror(tmp_path):
         CaseStore.open(long)
     with pytest.raises(TapmlError, match="File name too long.*choose another --out"):
         CaseStore.create(long)
+
+
+def _as_an_older_tapml_wrote_it(path):
+    """Rewrite a store as an older tapml wrote it: no strides for tensors torch calls contiguous (a size-1 dim's
+    stride), signatures over those metas, so calls that differ only there are one case (the first one's)."""
+    import json
+
+    def old(meta):
+        if meta.get("offset") == 0 and "storage" not in meta and "span" not in meta and all(
+                s == d for n, s, d in zip(meta["shape"], meta["stride"], default_strides(meta["shape"])) if n != 1):
+            return {k: v for k, v in meta.items() if k not in ("stride", "offset")}
+        return meta
+
+    db = sqlite3.connect(path / "cases.sqlite")
+    seen, rewritten = set(), 0
+    with db:
+        db.execute("UPDATE cases SET signature = 'old-' || id")  # (a new signature may be another row's old one)
+        for i, op, spec, live in db.execute("SELECT id, op, spec, metas FROM cases ORDER BY id").fetchall():
+            metas = [old(m) for m in json.loads(live)]
+            sig = signature_parts(op, json.loads(spec), metas)[0]
+            if sig in seen:  # an older tapml had folded this case into an earlier one
+                for table in ("samples", "occurrences"):
+                    db.execute(f"DELETE FROM {table} WHERE case_id=?", (i,))
+                db.execute("DELETE FROM cases WHERE id=?", (i,))
+                continue
+            seen.add(sig)
+            rewritten += metas != json.loads(live)
+            db.execute("UPDATE cases SET metas=?, signature=? WHERE id=?", (json.dumps(metas), sig, i))
+        for i, inputs, outputs in db.execute("SELECT id, inputs, outputs FROM samples").fetchall():
+            outputs = json.loads(outputs)
+            outputs["tensors"] = [[h, old(m)] for h, m in outputs["tensors"]]
+            db.execute("UPDATE samples SET inputs=?, outputs=? WHERE id=?",
+                       (json.dumps([[h, old(m)] for h, m in json.loads(inputs)]), json.dumps(outputs), i))
+    db.close()
+    return rewritten
+
+
+def test_a_store_written_before_exact_layouts_still_loads_replays_and_extends(tmp_path):
+    from tapml.replay import run_tests
+
+    out = tmp_path / "s"
+    carve(model_ref("make_views"), out, progress=False)
+    rewritten = _as_an_older_tapml_wrote_it(out)
+    with CaseStore.open(out) as st:
+        calls = [st.load_call(c, s) for c in st.cases() for s in st.samples(c.id)]
+    q = [t for call in calls if call.op == "aten.mul.Tensor" for t in call.tensors() if t.shape == (2, 4, 1, 32)]
+    assert len(q) == 1 and q[0].stride() == (128, 32, 32, 1)  # the layout an older store implies
+    assert run_tests(str(out), "torch", progress=False).exit_code == 0
+    r = carve(model_ref("make_views"), out, progress=False)  # a new carve extends it
+    assert rewritten >= 1 and r.new_cases == rewritten  # each call on such a view is a case of its own now
+    with CaseStore.open(out) as st:
+        strides = sorted(t.stride() for c in st.cases("aten.mul.Tensor") for s in st.samples(c.id)
+                         for t in st.load_call(c, s).tensors() if t.shape == (2, 4, 1, 32))
+    assert strides == [(128, 32, 32, 1), (128, 32, 128, 1)]
+
+
+def test_a_store_without_the_sample_choice_column_reads_and_takes_diverse_samples(tmp_path):
+    """Stores written before diverse samples have no `chosen` column: readers do without it, the next writer adds
+    it."""
+    from tapml.store import summarize
+
+    out = tmp_path / "s"
+    carve(model_ref("make_varied"), out, progress=False)
+    db = sqlite3.connect(out / "cases.sqlite")
+    with db:
+        db.execute("ALTER TABLE samples DROP COLUMN chosen")
+    db.close()
+    with CaseStore.open(out) as st:
+        assert all(s.chosen is None for c in st.cases() for s in st.samples(c.id))
+    assert all(x["chosen"] is None for xs in summarize(out, cases=True).choices.values() for x in xs)
+    carve(model_ref("make_varied"), out, samples=3, progress=False)
+    with CaseStore.open(out) as st:
+        (case,) = st.cases("aten._softmax")
+        assert [s.chosen and s.chosen["by"] for s in st.samples(case.id)] == [None, "distinct", "distinct"]

@@ -1,7 +1,9 @@
 // Native call interception for tapml.recorder: a boxed fallback on the (otherwise unused) Fake dispatch key,
 // which sits directly below Python, so it sees exactly the calls a Python TorchDispatchMode sees. Each call is
 // counted in C++; a call whose exact key (op, tensor dtypes/shapes/strides/offsets, scalar values) is already
-// known to need no sample is simply redispatched. Others call the Recorder's Python hooks.
+// known to need no sample is simply redispatched. Others call the Recorder's Python hooks: `before` answers None
+// (never again: the key becomes count-only), False (not this call: ask again next time) or a pending sample that
+// `after` completes once the op has run.
 // The Recorder keeps references (not copies) to the tensors it records until they are written to disk; it
 // watches their storages here, and an op about to write into a watched storage first calls `on_write`.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -295,11 +297,13 @@ void slow_path(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit
     auto ak = to_py_args(op, *stack);
     pending = st->before(func, ak.first, ak.second, index, slot, is_new);
     python_key_off();
-    if (pending.is_none()) {
+    if (pending.is_none()) {  // the signature needs no more samples: only count this key from now on
       if (slot >= 0) {
         std::lock_guard<std::mutex> lock(st->mu);
         st->slots[slot].count_only = true;
       }
+      pending = py::object();
+    } else if (pending.ptr() == Py_False) {  // not this call, but ask again (diverse samples, K > 1)
       pending = py::object();
     }
   }

@@ -6,7 +6,8 @@ results.
 
 Spec grammar: `[decode-only:]KIND[=PARAM]:OP[@N]`, e.g. `noise:aten.mm.default@37` (relative noise on the
 37th call of that overload in the run, counted from 0), `offbyone:aten.cat.default`, `fp16:aten.softmax.int`,
-`decode-only:noise:aten.mul.Tensor`, `noise=0.2:aten.addmm.default`.
+`decode-only:noise:aten.mul.Tensor`, `noise=0.2:aten.addmm.default`, `layout:aten.mul.Tensor` (wrong only where an
+input is a view with an offset or an odd size-1 stride).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.utils._pytree as pytree
 
 from tapml.backends.base import Backend
 from tapml.errors import TapmlError
-from tapml.ops import OpCall
+from tapml.ops import OpCall, odd_layout
 
 # Composite ops never reach the dispatcher under their own name; a fault on them means the op they become.
 ALIASES = {"aten.softmax.int": "aten._softmax.default", "aten.log_softmax.int": "aten._log_softmax.default",
@@ -35,10 +36,13 @@ KINDS = {
     "bf16": "results rounded to bfloat16 and back",
     "dropmask": "the attention mask argument dropped (attn_mask=None)",
     "stalekv": "a stale KV-cache write: the appended slice of a cat (or an index_copy/index_put write) is lost",
+    "layout": "relative noise (as `noise`), only on calls whose tensor inputs include a storage offset or a size-1 "
+              "dim with a non-default stride (a kernel that mis-reads views; needs a backend whose handles are "
+              "torch tensors, such as torch)",
 }
 
 
-_TAKES_PARAM = ("noise",)  # the kinds whose corruption has a size
+_TAKES_PARAM = ("noise", "layout")  # the kinds whose corruption has a size
 
 
 @dataclass(frozen=True)
@@ -123,9 +127,9 @@ class FaultyBackend(Backend):
         self.inner.close()
 
     def run(self, call: OpCall) -> Any:
-        if not self.fault.applies(call):
-            return self.inner.run(call)
         kind = self.fault.kind
+        if not self.fault.applies(call) or (kind == "layout" and not any(map(odd_layout, _host_tensors(call)))):
+            return self.inner.run(call)
         if kind == "dropmask":
             return self.inner.run(_drop_mask(call))
         if kind == "stalekv" and call.kind in ("aten.index_copy_", "aten.index_put_", "aten.copy_"):
@@ -158,7 +162,7 @@ def corrupt(fault: Fault, t: torch.Tensor, call: OpCall, seed: int) -> torch.Ten
         return _stale_cat(t, call)
     if not t.is_floating_point():
         return t
-    if kind == "noise":
+    if kind in ("noise", "layout"):
         eps = 0.05 if fault.param is None else fault.param
         gen = torch.Generator().manual_seed(seed)
         n = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype)
@@ -175,6 +179,10 @@ def corrupt(fault: Fault, t: torch.Tensor, call: OpCall, seed: int) -> torch.Ten
     if kind == "bf16":
         return t.to(torch.bfloat16).to(t.dtype)
     return t
+
+
+def _host_tensors(call: OpCall) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves((call.args, call.kwargs)) if isinstance(t, torch.Tensor)]
 
 
 def _stale_cat(t: torch.Tensor, call: OpCall) -> torch.Tensor:

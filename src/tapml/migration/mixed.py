@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from tapml.backends import Backend
 from tapml.compare import judge, rel_rmse
 from tapml.migration.placement import Placement
-from tapml.ops import OpCall, Provenance, is_seeded_random, mutated_args, op_name
+from tapml.ops import WHOLE_STORAGE, OpCall, Provenance, clone_layout, is_seeded_random, mutated_args, op_name
 from tapml.workload import Location, Workload, track
 
 
@@ -84,6 +84,13 @@ class RunResult:
 
 def _clone_out(x: Any) -> Any:
     return pytree.tree_map_only(torch.Tensor, lambda t: t.detach().clone(), x)
+
+
+def _clone_inputs(name: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Host copies of a call's inputs in their exact layouts (strides of size-1 dims, storage offsets): the
+    culprit's repro store and the local check must see what the target saw, and a clone drops the offset."""
+    whole = name in WHOLE_STORAGE
+    return pytree.tree_map_only(torch.Tensor, lambda t: clone_layout(t, whole), (args, kwargs))
 
 
 def _like_reference_layout(func, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -240,7 +247,7 @@ class MixedRun(TorchDispatchMode):
         check = self.local_check is not None and self.local_check.selects(name, module, phase, i, k)
         mutated = mutated_args(func)
         keep = i in self.keep_inputs
-        before = _clone_out((args, kwargs)) if (check or keep) else None
+        before = _clone_inputs(name, args, kwargs) if (check or keep) else None
         hargs, hkwargs = pytree.tree_map_only(torch.Tensor, self._handle, (args, kwargs))
         hout = target.run(OpCall(name, hargs, hkwargs, None, Provenance(0, module, phase, i, k)))
         schema = func._schema
@@ -282,14 +289,14 @@ class MixedRun(TorchDispatchMode):
     def _local_check(self, func, name: str, rec: OpRecord, before: tuple, out: Any) -> None:
         from tapml.backends.reference import oracle
 
-        a, kw = _clone_out(before)
+        a, kw = _clone_inputs(name, *before)
         ref = func(*a, **kw)
         got = _clone_out(out)
         rec.local_error = rel_rmse(got, ref)
         if self._oracle is None:
             self._oracle = oracle()
         try:
-            oracle = self._oracle.execute(OpCall(name, *_clone_out(before)))
+            oracle = self._oracle.execute(OpCall(name, *_clone_inputs(name, *before)))
         except Exception:
             oracle = None
         v = judge(name, before[0], got, ref, oracle)

@@ -66,6 +66,7 @@ class Sample:
     inputs: list  # [[hash, meta], ...]
     outputs: dict  # {"spec": json, "tensors": [[hash, meta], ...]}
     rng: str | None
+    chosen: dict | None = None  # how the carve chose it (`tapml.diverse.describe`); None: in call order
 
 
 def _sql(method: Callable) -> Callable:
@@ -97,6 +98,7 @@ class CaseStore:
         self._shards: OrderedDict[str, Any] = OrderedDict()
         self._verified: set[str] = set()  # blobs whose content hash was checked since opening
         self._written: dict[int, list[str]] = {}  # run -> shards this handle wrote for it
+        self._columns: dict[tuple[str, str], bool] = {}
 
     # --- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -126,6 +128,7 @@ class CaseStore:
                 _files.create_db(p)
                 store = cls(p, cls._connect(p), lock, True, made_dir)
             store._check()
+            _files.upgrade(store.db)
             return store
         except BaseException:
             if store is not None:
@@ -278,10 +281,10 @@ class CaseStore:
                   " FROM json_each(?) j JOIN cases c ON c.signature = json_extract(j.value, '$[0]') WHERE true"
                   " ON CONFLICT(case_id, run_id) DO UPDATE SET count = count + excluded.count",
                   (run_id, batch.counts_json)).rowcount
-            m = x("INSERT INTO samples(case_id, run_id, module, phase, call_index, inputs, outputs, rng)"
+            m = x("INSERT INTO samples(case_id, run_id, module, phase, call_index, inputs, outputs, rng, chosen)"
                   " SELECT c.id, ?, json_extract(j.value, '$[1]'), json_extract(j.value, '$[2]'),"
                   " json_extract(j.value, '$[3]'), json_extract(j.value, '$[4]'), json_extract(j.value, '$[5]'),"
-                  " json_extract(j.value, '$[6]') FROM json_each(?) j"
+                  " json_extract(j.value, '$[6]'), json_extract(j.value, '$[7]') FROM json_each(?) j"
                   " JOIN cases c ON c.signature = json_extract(j.value, '$[0]') ORDER BY j.key",
                   (run_id, batch.samples_json)).rowcount
             if (n, m) != (batch.n_counts, batch.n_samples):  # rolls the transaction back
@@ -368,11 +371,30 @@ class CaseStore:
 
     @_sql
     def samples(self, case_id: int) -> list[Sample]:
+        chosen = "chosen" if self._has("samples", "chosen") else "NULL"
         rows = self.db.execute(
-            "SELECT id, case_id, run_id, module, phase, call_index, inputs, outputs, rng FROM samples "
+            f"SELECT id, case_id, run_id, module, phase, call_index, inputs, outputs, rng, {chosen} FROM samples "
             "WHERE case_id=? ORDER BY id", (case_id,)).fetchall()
-        return [Sample(r[0], r[1], Provenance(r[2], r[3], r[4], r[5]), json.loads(r[6]), json.loads(r[7]), r[8])
-                for r in rows]
+        return [Sample(r[0], r[1], Provenance(r[2], r[3], r[4], r[5]), json.loads(r[6]), json.loads(r[7]), r[8],
+                       json.loads(r[9]) if r[9] else None) for r in rows]
+
+    @_sql
+    def sample_choices(self) -> dict[int, list[dict[str, Any]]]:
+        """Per case id, its samples in order: where each ran and how it was chosen (None: in call order)."""
+        chosen = "chosen" if self._has("samples", "chosen") else "NULL"
+        out: dict[int, list[dict[str, Any]]] = {}
+        for case_id, run, index, phase, why in self.db.execute(
+                f"SELECT case_id, run_id, call_index, phase, {chosen} FROM samples ORDER BY id"):
+            out.setdefault(case_id, []).append({"run": run, "index": index, "phase": phase,
+                                                "chosen": json.loads(why) if why else None})
+        return out
+
+    def _has(self, table: str, column: str) -> bool:
+        """Whether the store has `column` (a store an older tapml wrote, opened for reading, may lack it)."""
+        key = (table, column)
+        if key not in self._columns:
+            self._columns[key] = column in _files.columns(self.db, table)
+        return self._columns[key]
 
     @_sql
     def blob(self, h: str) -> torch.Tensor:
@@ -473,12 +495,15 @@ class StoreSummary:
     runs: list[dict]
     ops: list[dict[str, Any]]
     cases: list[Case]
+    choices: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # case id -> its samples' choice
 
 
 def summarize(path: str | os.PathLike, cases: bool = False) -> StoreSummary:
-    """Totals, runs and op kinds of the store at `path` (and its cases when `cases`)."""
+    """Totals, runs and op kinds of the store at `path` (and its cases, with how each sample was chosen, when
+    `cases`)."""
     with CaseStore.open(path) as st:
-        return StoreSummary(str(path), st.stats(), st.runs(), st.op_table(), st.cases() if cases else [])
+        return StoreSummary(str(path), st.stats(), st.runs(), st.op_table(), st.cases() if cases else [],
+                            st.sample_choices() if cases else {})
 
 
 def _matches(pattern: str, case: Case) -> bool:

@@ -1,5 +1,5 @@
 """What a commit carries into a store: `CaseSpec` (a signature's case row and the calls counted since the last
-commit), `PendingSample` (one captured call, its tensors referenced by content hash) and `Batch` (a commit
+commit), `PendingSample` (one captured call, its tensors referenced by content hash, and how it was chosen) and `Batch` (a commit
 prepared in the thread that records). It must not touch files or SQLite; `Recording` writes batches."""
 
 from __future__ import annotations
@@ -52,9 +52,11 @@ class PendingSample:
     inputs: list
     outputs: dict  # {"spec": json, "tensors": [[hash, meta], ...]}
     rng: str | None = None
+    chosen: dict | None = None  # how it was chosen (K > 1: the first call, or why it is distinct); None: K = 1
 
     def row(self) -> list:
-        return [self.signature, self.module, self.phase, self.index, self.inputs, self.outputs, self.rng]
+        return [self.signature, self.module, self.phase, self.index, self.inputs, self.outputs, self.rng,
+                self.chosen]
 
 
 class Batch:

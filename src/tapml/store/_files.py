@@ -31,12 +31,30 @@ CREATE TABLE IF NOT EXISTS occurrences(
     PRIMARY KEY(case_id, run_id));
 CREATE TABLE IF NOT EXISTS samples(
     id INTEGER PRIMARY KEY, case_id INTEGER NOT NULL, run_id INTEGER NOT NULL, module TEXT, phase TEXT,
-    call_index INTEGER, inputs TEXT NOT NULL, outputs TEXT NOT NULL, rng TEXT);
+    call_index INTEGER, inputs TEXT NOT NULL, outputs TEXT NOT NULL, rng TEXT, chosen TEXT);
 CREATE TABLE IF NOT EXISTS blobs(
     hash TEXT PRIMARY KEY, shard TEXT NOT NULL, dtype TEXT NOT NULL, shape TEXT NOT NULL,
     nbytes INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS samples_case ON samples(case_id);
 """
+
+
+# Columns added since version 1, each added to an older store by its next writer (`upgrade`); readers of an
+# older store do without them. (table, column, type)
+ADDED = (("samples", "chosen", "TEXT"),)
+
+
+def upgrade(db: sqlite3.Connection) -> None:
+    """Add the columns of ADDED that an older store lacks (its writer holds the lock); readers of older tapml
+    name their columns, so the store stays readable to them."""
+    for table, column, kind in ADDED:
+        if column not in columns(db, table):
+            with db:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+def columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
 def fsync(path: Path) -> None:
