@@ -123,14 +123,15 @@ def main() -> None:
     rows = []
     for model in a.models:
         ours = run_tapml(model, a.max_new_tokens, a.timeout)
+        print(f"{model}: tapml carve+test {ours['seconds']:.1f}s (carve {ours['carve_s']:.1f}s, test "
+              f"{ours['test_s']:.1f}s, {ours['cases']} signatures) named {ours['named']} "
+              f"[{'right' if ours['right'] else 'WRONG'}]", flush=True)
         theirs = run_minifier(model, a.max_new_tokens, a.timeout)
         ratio = theirs["seconds"] / ours["seconds"]
         rows.append((model, ours, theirs, ratio))
-        print(f"{model}: tapml carve+test {ours['seconds']:.1f}s (carve {ours['carve_s']:.1f}s, test "
-              f"{ours['test_s']:.1f}s, {ours['cases']} signatures) named {ours['named']} "
-              f"[{'right' if ours['right'] else 'WRONG'}]; minifier {theirs['seconds']:.1f}s (detect "
-              f"{theirs['detect_s']:.1f}s) named {theirs['named']} [{'right' if theirs['right'] else 'WRONG'}]; "
-              f"minifier / tapml = {ratio:.2f}x", flush=True)
+        print(f"{model}: minifier {theirs['seconds']:.1f}s (detect {theirs['detect_s']:.1f}s) named "
+              f"{theirs['named']} [{'right' if theirs['right'] else 'WRONG'}]; minifier / tapml = {ratio:.2f}x",
+              flush=True)
     print(json.dumps([{"model": m, "tapml_s": round(o["seconds"], 1), "minifier_s": round(t["seconds"], 1),
                        "ratio": round(r, 2), "tapml_right": o["right"], "minifier_right": t["right"]}
                       for m, o, t, r in rows]))
