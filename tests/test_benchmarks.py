@@ -16,6 +16,7 @@ SHOWS = {
     "localize.py": "by strategy",
     "rpc.py": "TVM time / TapML time",
     "bugfinding.py": "kill rate",
+    "compiler_bug.py": "minifier / tapml",
     "webgpu_kernels.py": "dispatches",
     "cache_parallel.py": "LSE check",
     "graphpipe.py": "Planner search seconds",

@@ -2,7 +2,8 @@
 
 Each command parses, calls one API function and renders its result; it must not hold logic or checks of its
 own (those live once, in the API). User errors (TapmlError) and usage errors (a bad or missing option) become
-one line on stderr, `tapml: error: ...`, and exit code 2; anything else is a tapml bug and keeps its traceback.
+one line on stderr, `tapml: error: ...`, and exit code 2; anything else is a tapml bug: one line, `tapml: internal
+error: ...`, and exit code 3 (never 1, which means "culprit found" / "cases fail"); TAPML_DEBUG=1 shows its traceback.
 Data (paths, model and op names) is printed escaped, never read as rich markup.
 """
 
@@ -18,10 +19,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, first_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TapML: carve real op tests from a model on PyTorch, replay them on a target backend.")
+# Exit codes: 0 ok, 1 a culprit / failing cases, 2 a user error, 3 a tapml bug.
+INTERNAL_ERROR = 3
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -193,14 +196,20 @@ def serve(backend: str = typer.Option(..., "--backend", help="backend to host (s
              tls_cert=tls_cert, tls_key=tls_key, backend_options=parse_options(option))
 
 
+def _counts(counts: dict) -> str:
+    return (f"{counts.get('placed', 0)} calls placed on the target, {counts.get('ran', 0)} ran there, "
+            f"{counts.get('refused', 0)} refused")
+
+
 def _migration_line(loc) -> str:
     c = loc.culprit
     if c is None:
-        return f"no divergence on {loc.target} ({loc.strategy}, {loc.runs} model runs, {loc.seconds:.1f}s)"
+        return (f"no divergence on {loc.target} ({loc.strategy}, {loc.runs} model runs, {loc.seconds:.1f}s; "
+                f"{_counts(loc.counts)})")
     return (f"culprit: {c.op} @{c.index} (call {c.call} of {loc.calls}) in {c.module or '<top>'}, {c.phase}; "
             f"{c.verdict}; local error {c.local_error if c.local_error is None else f'{c.local_error:.3g}'}, "
             f"accumulated {c.accumulated_error if c.accumulated_error is None else f'{c.accumulated_error:.3g}'}"
-            f" — {loc.strategy}, {loc.runs} model runs, {loc.seconds:.1f}s")
+            f" — {loc.strategy}, {loc.runs} model runs, {loc.seconds:.1f}s; {_counts(loc.counts)}")
 
 
 @app.command()
@@ -274,7 +283,7 @@ def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:mak
         out.print(f"  {r.status} {r.op} {r.args}: {r.reason}", markup=False)
     e = res.e2e
     out.print(f"end to end with every op on the target: {'pass' if e['passed'] else 'FAIL'} "
-              f"(rel. error {e['rel_error']:.3g})")
+              f"(rel. error {e['rel_error']:.3g}; {_counts(res.counts)})")
     if res.localization is not None:
         out.print(_migration_line(res.localization), markup=False)
     if res.repro:
@@ -403,6 +412,12 @@ def main() -> None:
     except aborts:  # end of input at a prompt
         err.print("Aborted!", markup=False)
         sys.exit(1)
+    except Exception as e:  # a bug of ours: exit 3, so no script reads it as "culprit found" (1)
+        if os.environ.get("TAPML_DEBUG", "") not in ("", "0"):
+            raise
+        err.print(f"tapml: internal error: {type(e).__name__}: {_one_line(first_line(e))} (a tapml bug; rerun with "
+                  "TAPML_DEBUG=1 for the traceback)", soft_wrap=True, markup=False)
+        sys.exit(INTERNAL_ERROR)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -26,6 +26,10 @@ from tapml.progress import Bar
 from tapml.results import AmplifiedResult, CaseResult, TestRun
 from tapml.store import Case, CaseStore
 
+# Cases whose samples a backend that compiles ahead (`Backend.prepare`) is handed at once: its batches come from
+# them, and their inputs stay in memory while the backend is open.
+PREPARE_CASES = 512
+
 
 def clone_call(call: OpCall) -> OpCall:
     """A copy whose tensors the backend may mutate (in-place ops) without touching the original, each with the
@@ -213,15 +217,20 @@ def _replay(store_path: str, be: Backend, pattern: str | None, progress: bool,
             raise TapmlError(f"-k {pattern!r} matches no case of {store_path}; see `tapml show {store_path}`")
         results = []
         with Bar(progress, "test", f"on {be.name}", len(cases), counts_bad=True) as bar:
-            for case in cases:
-                r = run_case(store, be, fp64, case)
-                results.append(r)
-                if on_result:
-                    on_result(r)
-                bad = r.status in ("fail", "error")
-                if amplify_seed is not None:
-                    amps = amplify_case(store, be, fp64, reference, case, amplify_seed)
-                    amplified += amps
-                    bad = bad or any(a.status in ("fail", "error") for a in amps)
-                bar.advance(bad=bad)
+            for i in range(0, len(cases), PREPARE_CASES):
+                chunk = cases[i: i + PREPARE_CASES]
+                if be.compiles_ahead:  # a compiler target compiles the chunk's signatures together
+                    be.prepare([store.load_call(c, s) for c in chunk if c.replayable and not c.random
+                                for s in store.samples(c.id)])
+                for case in chunk:
+                    r = run_case(store, be, fp64, case)
+                    results.append(r)
+                    if on_result:
+                        on_result(r)
+                    bad = r.status in ("fail", "error")
+                    if amplify_seed is not None:
+                        amps = amplify_case(store, be, fp64, reference, case, amplify_seed)
+                        amplified += amps
+                        bad = bad or any(a.status in ("fail", "error") for a in amps)
+                    bar.advance(bad=bad)
     return TestRun(store_path, be.name, results, time.perf_counter() - start, amplified, amplify_seed)

@@ -21,7 +21,7 @@ class Backend:
 
     Everything the core reads of a backend is declared here: `name`, `description`, `device` (where it runs, for
     reports), `replays_torch_rng` (it replays a seeded random op's recorded CPU generator state exactly; others
-    report those cases unsupported), `supported_ops()`, and the methods below.
+    report those cases unsupported), `supported_ops()`, `compiles_ahead`, and the methods below.
     """
 
     name = "?"
@@ -45,6 +45,13 @@ class Backend:
         except UnknownOp as e:  # not an ATen overload of this torch (e.g. a TVM kernel case)
             return str(e)
         return None
+
+    # True when `prepare` does work: the replay then hands it the calls it is about to run.
+    compiles_ahead = False
+
+    def prepare(self, calls: list[OpCall]) -> None:
+        """A hint before `calls` run: a compiling backend may compile what they need together (many per
+        compile). It changes no verdict; every call still goes through `supports` and `run`."""
 
     def upload(self, t: torch.Tensor) -> Any:
         return t

@@ -110,9 +110,13 @@ class FaultyBackend(Backend):
         self.replays_torch_rng = inner.replays_torch_rng
         self.device = inner.device
         self.hits = 0  # how many calls the fault corrupted
+        self.compiles_ahead = inner.compiles_ahead
 
     def supports(self, call: OpCall) -> str | None:
         return self.inner.supports(call)
+
+    def prepare(self, calls: list[OpCall]) -> None:
+        self.inner.prepare(calls)
 
     def upload(self, t: torch.Tensor) -> Any:
         return self.inner.upload(t)

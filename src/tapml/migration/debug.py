@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tapml.backends import open_backend
@@ -24,10 +24,11 @@ from tapml.migration.localize import (
     Session,
     check_fault_hits_the_run,
     check_settings,
+    check_something_ran,
     localize,
 )
 from tapml.migration.placement import Placement
-from tapml.migration.repro import check_culprit_store, migration_json, save_culprit, write_repro
+from tapml.migration.repro import check_culprit_store, migration_json, save_culprit, save_failure, write_repro
 from tapml.paths import check_output_dir, check_output_file, short
 from tapml.recorder import carve
 from tapml.replay import run_tests
@@ -47,6 +48,7 @@ class DebugResult:
     localization: Localization | None
     repro: str | None
     html: str | None
+    counts: dict = field(default_factory=dict)  # the all-on-target run's calls placed, ran, refused
 
     @property
     def exit_code(self) -> int:
@@ -100,6 +102,7 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
         say("3/4 run the model with every op on the target, checking each op against the reference")
         run, verdict = session.trial(Placement.all(), local_check=Placement.all())
         drift = [r.as_dict() for r in run.records]
+        check_something_ran(run, backend.name)
         loc, repro = None, None
         if not verdict.passed:
             say(f"4/4 the result diverges (rel. error {verdict.rel_error:.3g}); localizing with {strategy}")
@@ -111,12 +114,15 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
                 repro = str(write_repro(result, work_dir / "test_repro.py"))
         else:
             say("4/4 the end-to-end result matches the reference: nothing to localize")
-        res = DebugResult(name, backend.name, carved, tested, drift, verdict.as_dict(), loc, repro, None)
+        res = DebugResult(name, backend.name, carved, tested, drift, verdict.as_dict(), loc, repro, None,
+                          run.counts())
         if html_out:
             write_atomic(html_out, to_html(res), "--html")
             res.html = str(html_out)
         return res
-    except BaseException:
+    except BaseException as e:
+        if out_dir is not None and isinstance(e, Exception):  # what stopped it, where migrate.json would be
+            save_failure(Path(out_dir) / "migrate.json", model, target, inject, e)
         if out_dir is None and work_dir is not None:
             shutil.rmtree(work_dir, ignore_errors=True)  # ours, and nothing in it is reported
         raise
@@ -185,6 +191,10 @@ def to_html(res: DebugResult) -> str:
     e2e = (f"end to end: {'pass' if e['passed'] else 'FAIL'}, relative error {e['rel_error']:.3g} (tolerance "
            f"{e['tol']:g})" + (f"; first divergent token at step {div['step']} row {div['row']}: reference "
                                 f"{div['reference']}, target {div['target']}" if div else ""))
+    if res.counts:
+        n = res.counts
+        e2e += (f"; {n.get('placed', 0)} calls placed on the target, {n.get('ran', 0)} ran there, "
+                f"{n.get('refused', 0)} refused")
     carved = (f"carved op tests: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} unsupported, "
               f"{t['error']} errors of {t['cases']} cases ({res.carved.calls} op calls)")
     if getattr(res.tested, "amplify_seed", None) is not None:

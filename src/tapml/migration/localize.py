@@ -23,7 +23,7 @@ import torch
 from tapml.backends import Backend, open_backend
 from tapml.backends.faults import Fault, parse_fault
 from tapml.compare import rel_max
-from tapml.errors import TapmlError
+from tapml.errors import TapmlError, first_line
 from tapml.migration.mixed import OpRecord, RunResult, run_mixed
 from tapml.migration.placement import Placement
 from tapml.ops import OpCall, Provenance
@@ -132,6 +132,7 @@ class Localization:
     drift: list[dict] = field(default_factory=list)  # per target op: call, op, local and accumulated error
     culprit_inputs: tuple | None = None  # host copies of the culprit's inputs (for the repro store)
     culprit_store: str | None = None  # where `repro.save_migration` saved those inputs
+    counts: dict = field(default_factory=dict)  # the widest run's calls placed on, ran on, refused by the target
 
     @property
     def exit_code(self) -> int:
@@ -158,10 +159,14 @@ class Session:
         self.on_trial = on_trial
         self.golden: RunResult | None = None
         self.widest: tuple[RunResult, E2EVerdict] | None = None
+        self.carved_counts: dict[str, int] = {}  # the `carved` strategy's cases placed, ran, refused
 
     def reference(self) -> RunResult:
         if self.golden is None:
-            self.golden = run_mixed(self.workload, None, Placement.none(), keep_outputs=True)
+            try:
+                self.golden = run_mixed(self.workload, None, Placement.none(), keep_outputs=True)
+            except Exception as e:  # the model itself fails on PyTorch: the user's to fix (a mixed run's is ours)
+                raise TapmlError(f"model raised {type(e).__name__} on PyTorch alone: {first_line(e)}") from None
             self.runs += 1
         return self.golden
 
@@ -174,9 +179,9 @@ class Session:
         run = run_mixed(self.workload, self.target, placement, local_check, keep, golden=golden.golden)
         self.runs += 1
         v = compare_runs(golden, run, self.workload.generates, self.tol)
-        self.trials.append({"placement": placement.describe(), "on_target": run.on_target,
+        self.trials.append({"placement": placement.describe(), "on_target": run.on_target, **run.counts(),
                             "passed": v.passed, "rel_error": v.rel_error})
-        if self.widest is None or run.on_target > self.widest[0].on_target:
+        if self.widest is None or (run.on_target, run.placed) > (self.widest[0].on_target, self.widest[0].placed):
             self.widest = (run, v)
         if self.on_trial:
             self.on_trial(placement.describe(), v)
@@ -329,9 +334,22 @@ def localize(workload: Workload, model: str, target: Backend, *, strategy: str =
     crossings = widest[0].crossings.as_dict() if widest else {}
     refused = widest[0].refused if widest else {}
     drift = [r.as_dict() for r in widest[0].records if r.local_error is not None] if widest else []
+    counts = widest[0].counts() if widest else session.carved_counts
+    if widest is not None:
+        check_something_ran(widest[0], target.name)
     return Localization(model, target.name, strategy, diverged, culprit, session.runs,
                         time.perf_counter() - start, golden.calls, e2e, crossings, refused, session.trials, note,
-                        drift, inputs)
+                        drift, inputs, counts=counts)
+
+
+def check_something_ran(run: RunResult, target: str) -> None:
+    """A migration in which the target ran none of the calls placed on it tested nothing: an error, never
+    "no divergence"."""
+    if run.placed and not run.on_target:
+        why = "; ".join(f"{op}: {reason}" for op, reason in list(run.refused.items())[:3])
+        raise TapmlError(f"no op ran on {target}: it refused all {run.placed} calls placed on it "
+                         f"({len(run.refused)} op kinds; {why}); nothing was tested — fix the target's setup "
+                         "or see `tapml test` on a carved store for each op's reason")
 
 
 def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | None, str]:
@@ -343,6 +361,11 @@ def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | 
         carve(model, path, workload=session.workload, progress=False)
         session.runs += 1
         result = run_tests(path, session.target, progress=False)
+    t = result.totals()
+    session.carved_counts = {"placed": t["cases"], "ran": t["cases"] - t["unsupported"], "refused": t["unsupported"]}
+    if t["cases"] and t["unsupported"] == t["cases"]:
+        raise TapmlError(f"no carved case ran on {session.target.name}: it refused all {t['cases']}; nothing was "
+                         "tested — see `tapml test` on the store for each op's reason")
     bad = [r for r in result.results if r.status in ("fail", "error")]
     if not bad:
         return None, (f"all {len(result.results)} carved cases pass on the target (instance- or drift-dependent "
@@ -381,16 +404,18 @@ def migrate(model: str, *, target: str, strategy: str = "bisect", inject: str | 
 
         check_migration_out(json_out)
     backend = open_backend(target, remote=remote, token_file=token_file, inject=fault)
+    name = model
     try:
         name, workload = load_workload(model, prompt, max_new_tokens)
         if log:
             log(f"migrating {name} to {backend.name} ({strategy}) …")
-        try:
-            loc = localize(workload, name, backend, strategy=strategy, tol=tol, fault=fault, on_trial=on_trial)
-        except TapmlError:
-            raise
-        except Exception as e:
-            raise TapmlError(f"model {name} raised {type(e).__name__} while running mixed: {e}") from None
+        loc = localize(workload, name, backend, strategy=strategy, tol=tol, fault=fault, on_trial=on_trial)
+    except Exception as e:  # the JSON says what stopped it; an error that is no TapmlError is a tapml bug
+        if json_out is not None:
+            from tapml.migration.repro import save_failure
+
+            save_failure(json_out, name, target, inject, e)
+        raise
     finally:
         backend.close()
     if json_out is not None:

@@ -73,13 +73,19 @@ class RunResult:
     records: list[OpRecord]  # the target-placed calls
     golden: dict[int, Any] = field(default_factory=dict)  # call -> outputs, when kept
     crossings: Crossings = field(default_factory=Crossings)
-    on_target: int = 0
+    on_target: int = 0  # calls that ran on the target
     refused: dict[str, str] = field(default_factory=dict)  # op -> why the target could not run it
     seconds: float = 0.0
+    placed: int = 0  # calls the placement put on the target (ran + refused)
+    refused_calls: int = 0  # placed calls the target refused (they ran on PyTorch)
 
     @property
     def calls(self) -> int:
         return len(self.trace)
+
+    def counts(self) -> dict[str, int]:
+        """Calls placed on the target, run there, and refused by it (run on PyTorch instead)."""
+        return {"placed": self.placed, "ran": self.on_target, "refused": self.refused_calls}
 
 
 def _clone_out(x: Any) -> Any:
@@ -182,6 +188,7 @@ class MixedRun(TorchDispatchMode):
         self.golden_out: dict[int, Any] = {}
         self.crossings = Crossings()
         self.refused: dict[str, str] = {}
+        self.placed = self.refused_calls = 0
         self._op_counts: dict[str, int] = {}
         self._names: dict[Any, str] = {}
         self._resident = _Residency()
@@ -202,10 +209,12 @@ class MixedRun(TorchDispatchMode):
         on = (self.target is not None and self.placement.selects(name, module, phase, i, k)
               and not is_seeded_random(func, args, kwargs))
         if on:
+            self.placed += 1
             call = OpCall(name, args, kwargs, None, Provenance(0, module, phase, i, k))
             reason = self.target.supports(call)
             if reason is not None:
                 self.refused.setdefault(name, reason)
+                self.refused_calls += 1
                 on = False
         if not on:
             self._count_downloads(args, kwargs)
@@ -340,7 +349,8 @@ def run_mixed(workload: Workload, target: Backend | None, placement: Placement,
         output = workload.run()
     output = _clone_out(output)
     return RunResult(output, [x for x in logits if x is not None], mode.trace, mode.records, mode.golden_out,
-                     mode.crossings, len(mode.records), mode.refused, time.perf_counter() - start)
+                     mode.crossings, len(mode.records), mode.refused, time.perf_counter() - start, mode.placed,
+                     mode.refused_calls)
 
 
 def _last_logits(out: Any) -> torch.Tensor | None:

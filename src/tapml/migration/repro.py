@@ -152,6 +152,22 @@ def save_migration(loc: Localization, json_out: str | os.PathLike, target: str, 
     return path
 
 
+def save_failure(json_out: str | os.PathLike, model: str, target: str, inject: str | None, e: BaseException) -> None:
+    """Write the JSON a migration that stopped on an error can: what ran and the error (a user error's message,
+    or a tapml bug's type and first line). Never raises: the error itself is what the caller reports."""
+    from tapml.errors import TapmlError, first_line
+    from tapml.report import write_atomic
+
+    kind = "user" if isinstance(e, TapmlError) else "internal"
+    data = {"model": model, "backend": target, "inject": inject, "culprit": None,
+            "error": {"kind": kind, "type": type(e).__name__, "message": first_line(e),
+                      "exit_code": 2 if kind == "user" else 3}}
+    try:
+        write_atomic(json_out, json.dumps(data, indent=1, default=str), "--json")
+    except Exception:  # noqa: S110 - the original error is the one to report
+        pass
+
+
 _HEADER = '''"""Repro of one culprit op instance found by `tapml migrate`: CULPRIT names it, the case store STORE holds
 its real inputs as the target received them. Written by `tapml repro`; the test fails while the bug is there.
 """

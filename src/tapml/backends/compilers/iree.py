@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tapml.backends.compilers import (
+    ENVIRONMENT,
     Capture,
     CompilerBackend,
     Runner,
@@ -51,6 +52,10 @@ class IreeBackend(CompilerBackend):
     def _target(self) -> str:
         return f"{self.hal_target}/{self.driver}"
 
+    def _config(self) -> Any:
+        return {"iree-compile": [f"--iree-hal-target-backends={self.hal_target}", "--iree-input-type=torch",
+                                 *self.compile_flags]}
+
     @cached_property
     def config(self) -> Any:
         import iree.runtime as rt
@@ -75,11 +80,15 @@ class IreeBackend(CompilerBackend):
                 importer = FxImporter(context=ir.Context())
                 importer.import_frozen_program(program)
                 mlir = str(importer.module)
+        except ENVIRONMENT:
+            raise
         except Exception as e:
             raise Unlowerable(f"IREE's FX importer cannot import it: {first_line(e)}") from None
         try:
             vmfb = ic.compile_str(mlir, target_backends=[self.hal_target], input_type="torch",
                                   extra_args=list(self.compile_flags))
+        except ENVIRONMENT:
+            raise
         except Exception as e:
             raise Unlowerable(_compile_reason(e)) from None
         (out / "module.vmfb").write_bytes(vmfb)

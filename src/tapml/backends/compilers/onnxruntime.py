@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tapml.backends.compilers import (
+    ENVIRONMENT,
     Capture,
     CompilerBackend,
     Runner,
@@ -24,14 +25,22 @@ from tapml.backends.compilers import (
 )
 from tapml.backends.compilers import torch_of as _torch_of
 
+# SessionOptions set on every session: part of the cache key (a verdict of "cannot load" depends on them).
+_SESSION_DEFAULTS = {"graph_optimization_level": "ORT_ENABLE_ALL"}
+
 
 class OnnxRuntimeBackend(CompilerBackend):
     name = "onnxruntime"
     description = "torch.onnx (dynamo exporter) + ONNX Runtime, CPU execution provider"
 
-    def __init__(self, cache_dir: str | None = None, provider: str = "CPUExecutionProvider"):
+    def __init__(self, cache_dir: str | None = None, provider: str = "CPUExecutionProvider",
+                 session_options: dict[str, Any] | None = None):
+        """session_options: onnxruntime.SessionOptions attributes, e.g. {"graph_optimization_level":
+        "ORT_DISABLE_ALL", "intra_op_num_threads": 1} (enums by name)."""
         super().__init__(cache_dir)
         self.provider = provider
+        self.session_config = {**_SESSION_DEFAULTS, **(session_options or {})}
+        self._options()  # a bad name or value fails here, before anything compiles
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -49,11 +58,31 @@ class OnnxRuntimeBackend(CompilerBackend):
     def _target(self) -> str:
         return self.provider
 
+    def _config(self) -> Any:
+        return {"session": sorted((k, repr(v)) for k, v in self.session_config.items())}
+
+    def _options(self) -> Any:
+        import onnxruntime as ort
+
+        from tapml.errors import TapmlError
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        enums = {"graph_optimization_level": ort.GraphOptimizationLevel, "execution_mode": ort.ExecutionMode}
+        for k, v in self.session_config.items():
+            try:
+                setattr(opts, k, getattr(enums[k], v) if k in enums and isinstance(v, str) else v)
+            except (AttributeError, TypeError) as e:
+                raise TapmlError(f"bad ONNX Runtime session option {k}={v!r}: {first_line(e)}") from None
+        return opts
+
     def _compile(self, cap: Capture, out: Path) -> dict:
         try:
             with quiet():
                 # One-op graphs skip the optimizer, so constant folding cannot compute an op ahead of the runtime.
                 onx = _export(cap.program, optimize=cap.whole)
+        except ENVIRONMENT:
+            raise
         except Exception as e:
             raise Unlowerable(_export_reason(e)) from None
         if onx is None:
@@ -67,10 +96,10 @@ class OnnxRuntimeBackend(CompilerBackend):
     def _session(self, path: Path) -> Any:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
         try:
-            return ort.InferenceSession(str(path), opts, providers=[self.provider])
+            return ort.InferenceSession(str(path), self._options(), providers=[self.provider])
+        except ENVIRONMENT:
+            raise
         except Exception as e:
             raise Unlowerable(_runtime_reason(e)) from None
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from tapml.backends.compilers import (
+    ENVIRONMENT,
     KERNEL_NAMESPACE,
     Capture,
     Compiled,
@@ -65,6 +66,15 @@ class TVMBackend(CompilerBackend):
     def _target(self) -> str:
         return str(self.target)
 
+    def _config(self) -> Any:
+        """The pass configuration a build runs under (PassContext: opt level, config, required/disabled)."""
+        import tvm
+
+        ctx = tvm.transform.PassContext.current()
+        return {"opt_level": int(ctx.opt_level), "config": {str(k): str(v) for k, v in ctx.config.items()},
+                "required": sorted(str(p) for p in ctx.required_pass),
+                "disabled": sorted(str(p) for p in ctx.disabled_pass)}
+
     # residency ------------------------------------------------------------------------------------------------
     def to_native(self, t: torch.Tensor) -> Any:
         import tvm
@@ -90,12 +100,16 @@ class TVMBackend(CompilerBackend):
         try:
             with quiet():
                 mod = from_exported_program(cap.program, run_ep_decomposition=not is_core(cap.program))
+        except ENVIRONMENT:
+            raise
         except Exception as e:
             raise Unlowerable(_frontend_reason(e)) from None
         try:
             with quiet():
                 ex = tvm.compile(mod, target=self.target)
                 ex.export_library(str(out / "lib.so"))
+        except ENVIRONMENT:
+            raise
         except Exception as e:
             raise Unlowerable(f"TVM cannot build it for {self.target_text}: {first_line(e)}") from None
         return {}
