@@ -122,7 +122,7 @@ class ViaCompilerBackend(Engine):
     @staticmethod
     def _open(backend: str, cache_dir: str | None, options: dict) -> Any:
         if backend == "iree-cuda":
-            from tapml.place.iree_cuda import IreeCudaBackend
+            from tapml.backends.compilers.iree import IreeCudaBackend
 
             return IreeCudaBackend(cache_dir=cache_dir)
         from tapml.backends import get_backend

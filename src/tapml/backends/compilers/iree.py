@@ -132,6 +132,17 @@ class IreeVulkanBackend(IreeBackend):
     compile_flags: tuple[str, ...] = ()
 
 
+class IreeCudaBackend(IreeBackend):
+    """IREE's `cuda` HAL target and driver, for placements on `--device cuda` (tapml.place opens it; it is not an
+    entry-point backend because cases replay through `torch-cuda` there)."""
+
+    name = "iree-cuda"
+    description = "IREE: FX importer → iree-compile (cuda) → runtime driver cuda"
+    hal_target = "cuda"
+    driver = "cuda"
+    compile_flags: tuple[str, ...] = ()
+
+
 def _empty_like(h: Any) -> Any:
     import numpy as np
 
