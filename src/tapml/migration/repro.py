@@ -153,15 +153,16 @@ def save_migration(loc: Localization, json_out: str | os.PathLike, target: str, 
 
 
 def save_failure(json_out: str | os.PathLike, model: str, target: str, inject: str | None, e: BaseException) -> None:
-    """Write the JSON a migration that stopped on an error can: what ran and the error (a user error's message,
-    or a tapml bug's type and first line). Never raises: the error itself is what the caller reports."""
+    """Write the JSON a migration stopped by a tapml bug can: what ran and the error's type and first line (exit 3).
+    A user error (TapmlError, exit 2) writes nothing: bad input leaves nothing half-written, and its one-line
+    message says all there is. Never raises: the error itself is what the caller reports."""
     from tapml.errors import TapmlError, first_line
     from tapml.report import write_atomic
 
-    kind = "user" if isinstance(e, TapmlError) else "internal"
+    if isinstance(e, TapmlError):
+        return
     data = {"model": model, "backend": target, "inject": inject, "culprit": None,
-            "error": {"kind": kind, "type": type(e).__name__, "message": first_line(e),
-                      "exit_code": 2 if kind == "user" else 3}}
+            "error": {"kind": "internal", "type": type(e).__name__, "message": first_line(e), "exit_code": 3}}
     try:
         write_atomic(json_out, json.dumps(data, indent=1, default=str), "--json")
     except Exception:  # noqa: S110 - the original error is the one to report
