@@ -207,3 +207,23 @@ def test_an_in_place_variant_in_another_layout_keeps_its_inputs():
     c = with_reference(v.call, REF, v.layout_only)
     assert v.call.args[0].storage_offset() > 0 and torch.equal(v.call.args[0], before)
     assert torch.equal(c.outputs, x + y)
+
+
+class NarrowInt64(TorchBackend):
+    """A target that declares int64 held as int32 (WebGPU without shader-int64, e.g. in a browser)."""
+
+    name = "narrow-int64"
+
+    def int64_bits(self) -> int:
+        return 32
+
+
+def test_a_target_that_narrows_int64_gets_integer_boundary_variants_as_unsupported_with_why(tmp_path):
+    carve(model_ref("make_positions"), tmp_path / "s", progress=False)
+    wide = run_tests(str(tmp_path / "s"), "torch", progress=False, amplify=True)
+    assert any(r.variant.startswith("int:") and r.status == "pass" for r in wide.amplified)
+    run = run_tests(str(tmp_path / "s"), NarrowInt64(), progress=False, amplify=True)
+    ints = [r for r in run.amplified if r.variant.startswith("int:")]
+    assert ints and all(r.status == "unsupported" and "holds int64 as int32" in r.reason for r in ints)
+    others = [r for r in run.amplified if not r.variant.startswith("int:")]
+    assert others and all(r.status == "pass" for r in others) and run.exit_code == 0

@@ -21,13 +21,18 @@ class Backend:
 
     Everything the core reads of a backend is declared here: `name`, `description`, `device` (where it runs, for
     reports), `replays_torch_rng` (it replays a seeded random op's recorded CPU generator state exactly; others
-    report those cases unsupported), `supported_ops()`, `compiles_ahead`, and the methods below.
+    report those cases unsupported), `int64_bits()`, `supported_ops()`, `compiles_ahead`, and the methods below.
     """
 
     name = "?"
     description = ""
     device: object = None
     replays_torch_rng = False
+
+    def int64_bits(self) -> int:
+        """The width its int64 tensors really hold (32 where int64 is narrowed, as WebGPU without shader-int64
+        does): amplified variants that move int64 values past that range are out of its declared domain."""
+        return 64
 
     def supported_ops(self) -> list[str] | None:
         """The op overloads it can run, when it knows them up front (None: ask `supports` per call)."""

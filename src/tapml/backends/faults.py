@@ -115,6 +115,9 @@ class FaultyBackend(Backend):
     def supports(self, call: OpCall) -> str | None:
         return self.inner.supports(call)
 
+    def int64_bits(self) -> int:
+        return self.inner.int64_bits()
+
     def prepare(self, calls: list[OpCall]) -> None:
         self.inner.prepare(calls)
 

@@ -70,6 +70,9 @@ class WebGPUBackend(Backend):
         info = self.rt.info
         return f"{info.get('device', '?')} ({info.get('backend_type', '?')})"
 
+    def int64_bits(self) -> int:
+        return 64 if self.rt.int64_native else 32
+
     def supports(self, call: OpCall) -> str | None:
         return self._ops.check_call(call, self.rt.f16, self.rt.max_binding, self.rt.int64_native)
 
