@@ -315,7 +315,7 @@ def launch(jobs: list[Job], nprocs: int, device: str = "cpu", out: str | Path | 
         res.records = {r: p["records"] for r, p in per.items()}
         res.peak_bytes = {r: p["peak_bytes"] for r, p in per.items()}
         for g in outdir.glob(f"{j.label}.grads*.pt"):
-            res.grads.update(torch.load(g))
+            res.grads.update(torch.load(g, weights_only=True))  # tensors only, never pickled code
         results[j.label] = res
     return results
 
