@@ -110,7 +110,9 @@ class _Sleepy(Eager):
         ops = sum(n.op == "call_function" for n in module.graph.nodes)
 
         def slow(*xs):
-            time.sleep(0.001 * ops)  # slow per op, so no grouping makes it competitive
+            # slow per op by a margin no scheduler hiccup on a loaded 2-core machine closes, so no grouping makes
+            # it competitive
+            time.sleep(0.005 * ops)
             return run(*xs)
 
         return slow
@@ -142,7 +144,7 @@ def test_a_backend_wrong_on_one_op_kind_never_receives_it():
         R.unregister("faulty")
     g = p.placed.graph
     faulty = [i for part in p.partitions if part.backend == "faulty" for i in part.ops]
-    assert faulty, "the fast backend should take every op it computes correctly"
+    assert faulty, f"the fast backend should take every op it computes correctly: {p.summary()}"
     assert all(g.kind(i) != "aten.tanh" for i in faulty)
     assert any(g.kind(i) == "aten.tanh" for part in p.partitions if part.backend == "torch" for i in part.ops)
     assert p.excluded and all("faulty" in k and "tanh" in k for k in p.excluded)
