@@ -120,17 +120,22 @@ def clip_pixels(size: int, names: tuple[str, ...] = PHOTOS) -> torch.Tensor:
     return proc(images=imgs, return_tensors="pt")["pixel_values"]
 
 
-def contrastive_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None,
-                         max_new_tokens: int) -> Workload:
+def contrastive_inputs(model: torch.nn.Module, prompt: str | None) -> dict[str, torch.Tensor]:
+    """The photos and their captions (or the user's prompt as the one caption), as CLIPModel takes them."""
     captions = [prompt] if prompt is not None else [CAPTIONS[n] for n in PHOTOS]
     ids, mask = caption_ids(captions, model.config.text_config)
-    size = model.config.vision_config.image_size
-    pixels = clip_pixels(size)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=clip_pixels(model.config.vision_config.image_size))
+
+
+def contrastive_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None,
+                         max_new_tokens: int) -> Workload:
+    inputs = contrastive_inputs(model, prompt)
 
     def run() -> torch.Tensor:
-        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+        return model(**inputs).logits_per_image
 
-    what = "your prompt" if prompt is not None else f"their {len(captions)} captions"
+    ids, size = inputs["input_ids"], model.config.vision_config.image_size
+    what = "your prompt" if prompt is not None else f"their {ids.shape[0]} captions"
     return Workload(model, run, False, f"{spec.name}: image-text logits of {len(PHOTOS)} scikit-image photos "
                     f"({', '.join(PHOTOS)}, {size}×{size}) against {what} ({ids.shape[0]}×{ids.shape[1]} tokens)")
 
@@ -151,7 +156,7 @@ def qwen2vl_special(vocab: int) -> dict[str, int]:
 def vlm_inputs(model: torch.nn.Module, prompt: str | None) -> dict[str, torch.Tensor]:
     """A photo and a question per row, in Qwen2-VL's chat layout: `<im_start> user <vision_start>
     <image_pad>×N <vision_end> question <im_end> <im_start> assistant`, N = the photo's merged patches (what the
-    processor's grid says), left-padded; with the processor's pixel patches and grid."""
+    processor's grid says), left-padded; with the token kinds, the processor's pixel patches and grid."""
     cfg, vis = model.config, model.config.vision_config
     vocab = cfg.text_config.vocab_size
     sp = qwen2vl_special(vocab)
@@ -168,7 +173,10 @@ def vlm_inputs(model: torch.nn.Module, prompt: str | None) -> dict[str, torch.Te
         rows.append([sp["im_start"], *user, sp["vision_start"], *[sp["image"]] * n, sp["vision_end"], *q,
                      sp["im_end"], sp["im_start"], *assistant])
     ids, mask = left_pad(rows, cfg.text_config.pad_token_id)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=imgs["pixel_values"],
+    # What Qwen2-VL's processor returns beside the ids, and what M-RoPE needs: 1 marks an image token (without
+    # it the model gives the image tokens plain 1-D text positions).
+    kinds = (ids == sp["image"]).int()
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=kinds, pixel_values=imgs["pixel_values"],
                 image_grid_thw=imgs["image_grid_thw"])
 
 
