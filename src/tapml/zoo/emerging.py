@@ -89,8 +89,10 @@ def speech_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None,
             return model.generate(input_features=feats, **kw)
 
     secs = ", ".join(f"{len(a) / SPEECH_RATE:.1f}" for a in audio)
+    window = feats.shape[-1] * HOP  # samples
+    cut = f", cut to the {window // SPEECH_RATE} s window" if max(map(len, audio)) > window else ""
     what = "your prompt" if prompt is not None else f"{len(texts)} shipped prompts"
-    return Workload(model, run, True, f"{spec.name}: {what} spoken by espeak-ng ({secs} s at 16 kHz) → "
+    return Workload(model, run, True, f"{spec.name}: {what} spoken by espeak-ng ({secs} s at 16 kHz{cut}) → "
                     f"log-mel features {tuple(feats.shape)}, greedy generate() with KV cache, "
                     f"{max_new_tokens} new tokens")
 
