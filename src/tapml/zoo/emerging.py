@@ -61,8 +61,9 @@ HOP = 160  # Whisper's 10 ms frames at 16 kHz
 
 
 def whisper_features(config: tf.WhisperConfig) -> tf.WhisperFeatureExtractor:
-    """Whisper's log-mel front end for this config: the window is as long as the encoder's positions allow (its two
-    convolutions halve the frames), so a small `max_source_positions` keeps the encoder and its replays cheap."""
+    """Whisper's log-mel front end for this config: the window is as long as the encoder's positions allow (its
+    second convolution halves the frames), so a small `max_source_positions` keeps the encoder and its replays
+    cheap."""
     frames = 2 * config.max_source_positions
     seconds, rest = divmod(frames * HOP, SPEECH_RATE)
     assert rest == 0, "max_source_positions must make a whole number of seconds"
@@ -191,8 +192,9 @@ def vlm_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None, ma
 
     grids = ", ".join("×".join(str(int(v)) for v in g) for g in inputs["image_grid_thw"])
     what = "your question" if prompt is not None else "a question"
+    rows, width = inputs["input_ids"].shape
     return Workload(model, run, True, f"{spec.name}: {len(VLM_PHOTOS)} photos ({', '.join(VLM_PHOTOS)}; patch "
-                    f"grids {grids}) each with {what}, left-padded ({tuple(inputs['input_ids'].shape)} tokens), "
+                    f"grids {grids}) each with {what}, left-padded (batch {rows}×{width} tokens), "
                     f"greedy generate() with KV cache, {max_new_tokens} new tokens")
 
 
