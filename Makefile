@@ -12,9 +12,10 @@ setup: system $(STAMP)
 	@# The carving hook (C++, torch's extension loader): built once into the cache, a no-op when built.
 	@$(PY) -c "from tapml._native import carve_hook; carve_hook()"
 
-# System packages the tests use: lavapipe (WebGPU without a GPU) and Chromium (browser target).
+# System packages the tests use: lavapipe (WebGPU without a GPU), Chromium (browser target), espeak-ng (speech
+# for the zoo's Whisper).
 system:
-	@bash scripts/ensure-debs.sh mesa-vulkan-drivers chromium
+	@bash scripts/ensure-debs.sh mesa-vulkan-drivers chromium espeak-ng
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)

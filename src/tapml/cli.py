@@ -295,7 +295,7 @@ def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:mak
 
 @app.command()
 def zoo() -> None:
-    """List the embedded models: name, architecture, parameters, kind."""
+    """List the embedded models: name, architecture, parameters, kind; and how many distinct architectures."""
     from tapml import zoo as z
 
     t = Table(title="TapML zoo", title_justify="left")
@@ -327,6 +327,9 @@ def zoo() -> None:
     for s in SHAPES.values():
         t.add_row(s.name, f"{s.params():,}", str(s.layers), f"{s.heads} / {s.kv_heads}", s.summary)
     out.print(t)
+    from tapml.zoo.census import architectures
+
+    out.print(f"{len(architectures())} architectures in these tables")
 
 
 @app.command()

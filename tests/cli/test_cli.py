@@ -62,6 +62,9 @@ def test_zoo_and_backends_listings():
     for name in ("llama", "mixtral", "minilm", "vit", "resnet", "t5", "mmt4", "dlrm", "uno",
                  "llama3-8b-mqa-small", "resnext50", "nasnet"):  # graphpipe's, parallel's and place's models too
         assert name in r.stdout
+    from tapml.zoo.census import architectures
+
+    assert f"{len(architectures())} architectures in these tables" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [

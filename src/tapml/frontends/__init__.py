@@ -1,8 +1,8 @@
 """Frontends: how a model becomes one exported program (torch.export of its forward on realistic inputs), for
 whole-graph compiles (`whole.py`) and kernel-level carving through TVM Relax (`tvm.py`).
 
-An LLM's program is one forward over the prompts without the KV cache (the prefill); a seq2seq model's is one
-forward with the decoder start token. It must not record op calls: that is carve.py's job.
+An LLM's (and a VLM's) program is one forward over the prompts without the KV cache (the prefill); a seq2seq or
+speech model's is one forward with the decoder start token; a contrastive model's its image-text logits. It must not record op calls: that is carve.py's job.
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ def forward_program(model: str, prompt: str | None = None) -> ForwardProgram:
         args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
         return ForwardProgram(spec.name, _Logits(built, False).eval(), args, {}, "forward",
                               f"{spec.name}: sentence embeddings of {len(texts)} prompt(s)")
+    if spec.kind in ("speech", "contrastive", "vlm"):
+        return _multimodal_program(spec, built, prompt)
     if prompt is not None:
         raise TapmlError(f"{spec.name} is a vision model: it takes photos, not --prompt")
     import transformers as tf
@@ -95,6 +97,28 @@ def forward_program(model: str, prompt: str | None = None) -> ForwardProgram:
     pixels = zoo.image_batch(size)
     return ForwardProgram(spec.name, _Logits(built, False).eval(), (), {"pixel_values": pixels}, "forward",
                           f"{spec.name}: classify 2 photos at {size}×{size}, logits")
+
+
+def _multimodal_program(spec: Any, built: torch.nn.Module, prompt: str | None) -> ForwardProgram:
+    """The speech, contrastive and vision-language entries on the inputs their carve workloads use."""
+    from tapml.zoo import emerging
+
+    if spec.kind == "speech":
+        _, _, feats = emerging.speech_inputs(built, prompt)
+        dec = torch.full((feats.shape[0], 1), built.config.decoder_start_token_id, dtype=torch.long)
+        return ForwardProgram(spec.name, _Logits(built, True).eval(), (),
+                              {"input_features": feats, "decoder_input_ids": dec}, "forward",
+                              f"{spec.name}: encoder over log-mels {tuple(feats.shape)} of espeak-ng speech + one "
+                              "decoder step, logits")
+    if spec.kind == "contrastive":
+        inputs = emerging.contrastive_inputs(built, prompt)
+        shape = (inputs["pixel_values"].shape[0], inputs["input_ids"].shape[0])
+        return ForwardProgram(spec.name, _Logits(built, False).eval(), (), inputs, "forward",
+                              f"{spec.name}: image-text logits of {shape[0]} photos × {shape[1]} captions")
+    inputs = emerging.vlm_inputs(built, prompt)
+    return ForwardProgram(spec.name, _Logits(built, True).eval(), (), inputs, "prefill",
+                          f"{spec.name}: one forward (prefill, no KV cache) over photos and a question, "
+                          f"{tuple(inputs['input_ids'].shape)} tokens, logits", valid=inputs["attention_mask"].bool())
 
 
 def _user_program(ref: str) -> ForwardProgram:

@@ -251,7 +251,8 @@ def photo_batch(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PipeModel:
-    """A model GraphPipe can train: how to build it and make a batch (inputs, target), and its loss."""
+    """A model GraphPipe can train: how to build it and make a batch (inputs, target), and its loss; `architecture`
+    names what it is (the zoo counts distinct ones across its tables)."""
 
     name: str
     summary: str
@@ -260,6 +261,7 @@ class PipeModel:
     make: Callable[..., nn.Module] = field(repr=False)  # (**config) -> module
     inputs: Callable[..., tuple[tuple[torch.Tensor, ...], torch.Tensor]] = field(repr=False)
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(repr=False)
+    architecture: str
 
     def config(self, size: str) -> dict[str, Any]:
         if size not in self.sizes:
@@ -341,21 +343,21 @@ MODELS: tuple[PipeModel, ...] = (
     PipeModel("mmt2", "multi-modal transformer, 2 branches (text from the shipped prompts, photos) + fusion",
               {"tiny": _mmt_cfg(2, 32, 2, 2, 1, 16, 32, 8, 1024),
                "gpu": _mmt_cfg(2, 1024, 16, 6, 4, 512, 384, 16, 30522)},
-              {"tiny": 8, "gpu": 64}, MMT, _mmt_inputs, _ce),
+              {"tiny": 8, "gpu": 64}, MMT, _mmt_inputs, _ce, architecture="MMT"),
     PipeModel("mmt4", "multi-modal transformer, 4 branches (text, photos, audio-like frames, tabular) + fusion",
               {"tiny": _mmt_cfg(4, 32, 2, 2, 1, 16, 32, 8, 1024),
                "gpu": _mmt_cfg(4, 1024, 16, 6, 4, 512, 384, 16, 30522)},
-              {"tiny": 8, "gpu": 64}, MMT, _mmt_inputs, _ce),
+              {"tiny": 8, "gpu": 64}, MMT, _mmt_inputs, _ce, architecture="MMT"),
     PipeModel("dlrm", "DLRM in torchrec's layout: embedding tables, bottom MLP, dot interaction, top MLP",
               {"tiny": dict(dense_in=13, tables=4, rows=100, dim=16, bag=3, bottom=[32], top=[32, 16]),
                "gpu": dict(dense_in=13, tables=26, rows=400_000, dim=128, bag=8, bottom=[512, 256],
                            top=[1024, 1024, 512, 256])},
-              {"tiny": 8, "gpu": 4096}, DLRM, _dlrm_inputs, _bce),
+              {"tiny": 8, "gpu": 4096}, DLRM, _dlrm_inputs, _bce, architecture="DLRM"),
     PipeModel("uno", "CANDLE-Uno: MLP towers for gene expression, drug descriptors, fingerprints + top MLP",
               {"tiny": dict(genes=64, descriptors=48, fingerprints=64, tower=[32, 32], top=[32, 32]),
                "gpu": dict(genes=942, descriptors=3820, fingerprints=2048, tower=[4096, 4096, 4096],
                            top=[4096, 4096, 4096])},
-              {"tiny": 8, "gpu": 1024}, Uno, _uno_inputs, _mse),
+              {"tiny": 8, "gpu": 1024}, Uno, _uno_inputs, _mse, architecture="CANDLE-Uno"),
 )
 
 

@@ -227,12 +227,14 @@ def _text(batch: int, vocab: int, length: int) -> tuple[torch.Tensor, torch.Tens
 
 @dataclass(frozen=True)
 class PlaceModel:
-    """A placement model: `build(small)` the module (fixed seed), `inputs(batch, small)` its real inputs."""
+    """A placement model: `build(small)` the module (fixed seed), `inputs(batch, small)` its real inputs;
+    `architecture` names what it is (the zoo counts distinct ones across its tables)."""
 
     name: str
     summary: str
     make: Callable[[bool], nn.Module]
     make_inputs: Callable[[int, bool], tuple[torch.Tensor, ...]]
+    architecture: str
 
     def build(self, small: bool = False) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
@@ -245,19 +247,20 @@ class PlaceModel:
 
 MODELS: dict[str, PlaceModel] = {m.name: m for m in (
     PlaceModel("resnext50", "ResNeXt50-32x4d on photos", resnext50_32x4d,
-               lambda b, s: (_photos(b, 32 if s else 224),)),
+               lambda b, s: (_photos(b, 32 if s else 224),), architecture="ResNeXt"),
     PlaceModel("mobilenetv2", "MobileNetV2 1.0 on photos", mobilenet_v2,
-               lambda b, s: (_photos(b, 32 if s else 224),)),
+               lambda b, s: (_photos(b, 32 if s else 224),), architecture="MobileNetV2"),
     PlaceModel("r3d18", "3D ResNet-18 on a clip panned over the photos", r3d_18,
-               lambda b, s: (_clip(b, 16 if s else 112, 4 if s else 16),)),
+               lambda b, s: (_clip(b, 16 if s else 112, 4 if s else 16),), architecture="R3D (3D ResNet)"),
     PlaceModel("bert", "BERT-base on the shipped prompts", bert_base,
-               lambda b, s: _text(b, 1000 if s else 30522, 16 if s else 128)),
+               lambda b, s: _text(b, 1000 if s else 30522, 16 if s else 128), architecture="BertModel"),
     PlaceModel("dcgan", "DCGAN generator (64×64)", dcgan_generator,
-               lambda b, s: (torch.randn(b, 16 if s else 100, 1, 1, generator=torch.Generator().manual_seed(0)),)),
+               lambda b, s: (torch.randn(b, 16 if s else 100, 1, 1, generator=torch.Generator().manual_seed(0)),),
+               architecture="DCGAN generator"),
     PlaceModel("nasnet", "NASNet-A normal cells on photos", NasNetCells,
-               lambda b, s: (_photos(b, 32 if s else 224),)),
+               lambda b, s: (_photos(b, 32 if s else 224),), architecture="NASNet-A"),
     PlaceModel("llama", "zoo Llama prefill on the shipped prompts", llama_prefill,
-               lambda b, s: _text(b, 32000, 16 if s else 128)),
+               lambda b, s: _text(b, 32000, 16 if s else 128), architecture="LlamaForCausalLM"),
 )}
 
 

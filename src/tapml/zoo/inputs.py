@@ -1,13 +1,18 @@
 """Realistic inputs for zoo models: the shipped prompts through MiniLM's real WordPiece tokenizer, left-padded
-batches, and real photos from scikit-image, resized and ImageNet-normalized. Nothing here touches the network."""
+batches, the prompts spoken by espeak-ng, and real photos from scikit-image (resized and ImageNet-normalized, and
+captioned). Nothing here touches the network."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from functools import lru_cache
 from importlib import resources
 
+import numpy as np
 import torch
 
 from tapml.errors import TapmlError
@@ -73,7 +78,45 @@ def left_pad(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
+SPEECH_RATE = 16000  # Hz: what Whisper's feature extractor takes
+
+
+def speech(texts: list[str]) -> list[np.ndarray]:
+    """Each text spoken by the Debian `espeak-ng` program (its default English voice), as float32 samples in
+    [-1, 1] at SPEECH_RATE: real speech of the prompts, deterministic for a given espeak-ng."""
+    return [_spoken(t).copy() for t in texts]
+
+
+@lru_cache(maxsize=32)
+def _spoken(text: str) -> np.ndarray:
+    from scipy.io import wavfile
+    from scipy.signal import resample_poly
+
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise TapmlError("espeak-ng is missing (it speaks the prompts for the speech models); run `make setup`")
+    with tempfile.TemporaryDirectory(prefix="tapml-speech-") as tmp:
+        wav = os.path.join(tmp, "speech.wav")
+        # The text goes on stdin, so a prompt that starts with "-" is never read as an option.
+        run = subprocess.run([exe, "-v", "en", "-b", "1", "-w", wav, "--stdin"], input=text.encode(),
+                             capture_output=True, timeout=120, check=False)
+        if run.returncode != 0 or not os.path.isfile(wav):
+            why = run.stderr.decode(errors="replace").strip().splitlines()
+            raise TapmlError(f"espeak-ng failed (exit {run.returncode}): {why[0] if why else 'no output'}")
+        rate, samples = wavfile.read(wav)
+    x = samples.astype(np.float32) / 32768.0
+    if rate != SPEECH_RATE:
+        g = np.gcd(rate, SPEECH_RATE)
+        x = resample_poly(x, SPEECH_RATE // g, rate // g).astype(np.float32)
+    return x
+
+
 PHOTOS = ("astronaut", "chelsea", "coffee")
+CAPTIONS = {  # what each photo shows, for the contrastive models
+    "astronaut": "an astronaut in an orange spacesuit in front of the flag",
+    "chelsea": "a close-up of a tabby cat",
+    "coffee": "a cup of coffee on a red saucer",
+}
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 

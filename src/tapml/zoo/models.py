@@ -23,10 +23,12 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden
 
 def _generate_kwargs(model: torch.nn.Module, max_new_tokens: int) -> dict[str, Any]:
     # min_new_tokens = max_new_tokens: greedy decoding never stops early, so there are exactly
-    # max_new_tokens forward steps (prefill + max_new_tokens - 1 decode steps).
+    # max_new_tokens forward steps (prefill + max_new_tokens - 1 decode steps). A multimodal config keeps its
+    # special ids in its text config.
+    text = model.config.get_text_config()
     return dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, use_cache=True, pad_token_id=model.config.pad_token_id,
-                eos_token_id=model.config.eos_token_id, temperature=None, top_p=None, top_k=None)
+                num_beams=1, use_cache=True, pad_token_id=text.pad_token_id,
+                eos_token_id=text.eos_token_id, temperature=None, top_p=None, top_k=None)
 
 
 def llm_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None, max_new_tokens: int) -> Workload:

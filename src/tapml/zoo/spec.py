@@ -12,7 +12,7 @@ import torch
 
 from tapml.errors import TapmlError
 
-KINDS = ("llm", "encoder", "vision", "seq2seq")
+KINDS = ("llm", "encoder", "vision", "seq2seq", "speech", "contrastive", "vlm")
 
 
 @dataclass(frozen=True)
