@@ -102,3 +102,12 @@ def test_a_q4_0_carve_of_llama_holds_the_dequantize_ops_on_uint8_and_they_replay
 def test_unknown_weights_are_refused_before_the_model_is_built():
     with pytest.raises(TapmlError, match="unknown --weights 'q4'; choose float"):
         zoo.get("gpt2").prepare(weights="q4")
+
+
+@pytest.mark.parametrize("name", ["t5", "resnet"])
+def test_q4_0_runs_where_model_code_reads_layer_weight_or_has_no_token_embeddings(name):
+    """T5 casts to `wo.weight.dtype` when that is a tensor; a vision model's get_input_embeddings raises."""
+    w = zoo.get(name).prepare(max_new_tokens=1, weights="q4_0")
+    assert any(isinstance(m, Q4_0Linear) for m in w.model.modules())
+    with torch.no_grad():
+        w.run()

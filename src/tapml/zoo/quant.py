@@ -19,6 +19,10 @@ class Q4_0Linear(torch.nn.Module):
     """y = x Wᵀ + b with W held as Q4_0 blocks: `blocks` is uint8 [out_features, in_features / 32, 18], each block
     its float16 scale d and 32 4-bit codes q, w = (q - 8) · d. The bias (if any) stays a float parameter."""
 
+    # No dense weight tensor (`dequantize()` makes one): model code that casts to `layer.weight.dtype` when it is
+    # a tensor (T5's feed-forward) leaves the activations as they are, as transformers' own quantizers do.
+    weight = None
+
     def __init__(self, blocks: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         if blocks.dtype != torch.uint8 or blocks.dim() != 3 or blocks.shape[-1] != BLOCK_BYTES:
@@ -78,9 +82,11 @@ def quantize_q4_0(model: torch.nn.Module) -> list[str]:
     routers and an output head tied to the input embeddings; embeddings, norms and other layers stay as they are.
     Returns the names of the layers replaced."""
     tied: set[int] = set()
-    get_in = getattr(model, "get_input_embeddings", None)
-    emb = get_in() if callable(get_in) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
+    try:
+        emb = model.get_input_embeddings()  # transformers' models; vision ones raise NotImplementedError
+    except (AttributeError, NotImplementedError):
+        emb = None
+    if isinstance(getattr(emb, "weight", None), torch.Tensor):
         tied.add(emb.weight.data_ptr())
     made: dict[int, Q4_0Linear] = {}  # a layer reachable under two names is quantized once
     replaced = []
