@@ -33,7 +33,7 @@ from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.report import write_atomic
 from tapml.results import CarveResult, TestRun
-from tapml.workload import check_precision, load_workload
+from tapml.workload import check_precision, describe_precision, load_workload
 
 
 @dataclass
@@ -48,6 +48,7 @@ class DebugResult:
     repro: str | None
     html: str | None
     counts: dict = field(default_factory=dict)  # the all-on-target run's calls placed, ran, refused
+    precision: dict = field(default_factory=dict)  # the workload's dtype / weights when not the default
 
     @property
     def exit_code(self) -> int:
@@ -117,7 +118,7 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
         else:
             say("4/4 the end-to-end result matches the reference: nothing to localize")
         res = DebugResult(name, backend.name, carved, tested, drift, verdict.as_dict(), loc, repro, None,
-                          run.counts())
+                          run.counts(), workload.precision)
         if html_out:
             write_atomic(html_out, to_html(res), "--html")
             res.html = str(html_out)
@@ -182,13 +183,15 @@ def to_html(res: DebugResult) -> str:
     bad_cases = [r for r in res.tested.results if r.status in ("fail", "error")]
     amplified = [r for r in getattr(res.tested, "amplified", []) if r.status in ("fail", "error")]
     clean = e["passed"] and not bad_cases and not amplified and c is None
+    p = res.precision
+    who = esc(res.model) + (f" ({esc(describe_precision(p.get('dtype', 'float32'), p.get('weights', 'float')))})"
+                            if p else "")
     if clean:
-        verdict, color = f"{esc(res.model)} runs correctly on {esc(res.target)}", "#2e7d32"
+        verdict, color = f"{who} runs correctly on {esc(res.target)}", "#2e7d32"
     elif c is not None:
-        verdict, color = (f"{esc(res.model)} breaks on {esc(res.target)} at <code>{esc(c.op)}</code> @{c.index}",
-                          "#c62828")
+        verdict, color = (f"{who} breaks on {esc(res.target)} at <code>{esc(c.op)}</code> @{c.index}", "#c62828")
     else:
-        verdict, color = f"{esc(res.model)} has failing op cases on {esc(res.target)}", "#c62828"
+        verdict, color = f"{who} has failing op cases on {esc(res.target)}", "#c62828"
     div = e.get("first_divergent_token")
     e2e = (f"end to end: {'pass' if e['passed'] else 'FAIL'}, relative error {e['rel_error']:.3g} (tolerance "
            f"{e['tol']:g})" + (f"; first divergent token at step {div['step']} row {div['row']}: reference "
