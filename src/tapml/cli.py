@@ -37,6 +37,24 @@ def _human(n: float) -> str:
     return str(n)
 
 
+_DTYPE_HELP = ("float32 | float16 | bfloat16: the model, its floating inputs and the reference run in that dtype on "
+               "the CPU (default: as built: float32 for the zoo, a user file's own)")
+_WEIGHTS_HELP = ("float: the model's own weights; q4_0: its linear layers (in_features a multiple of 32) as GGUF "
+                 "Q4_0 4-bit blocks, dequantized with plain ATen ops at each forward (with --dtype float16: "
+                 "WebLLM's q4f16)")
+
+_TOL_HELP = ("end-to-end tolerance: max |Δ| / max |reference| of the outputs (LLMs: logits of every step) "
+             "(default: 1e-4; 1e-2 with --dtype float16, 5e-2 with bfloat16)")
+
+
+def _dtype_option():
+    return typer.Option(None, "--dtype", metavar="DTYPE", help=_DTYPE_HELP)
+
+
+def _weights_option():
+    return typer.Option("float", "--weights", metavar="WEIGHTS", help=_WEIGHTS_HELP)
+
+
 @app.command()
 def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or path/to/file.py:make_model"),
           out_dir: Path = typer.Option(..., "--out", help="case store directory (created or extended)"),
@@ -51,12 +69,13 @@ def carve(model: str = typer.Argument(..., help="zoo name (llama, zoo:llama) or 
                                             "forward (one prefill forward for LLMs) in TVM's Relax VM"),
           timeout: float | None = typer.Option(None, "--timeout", metavar="SECONDS",
                                                help="stop the model run after this many seconds (its run is "
-                                                    "discarded); torch frontend")) -> None:
+                                                    "discarded); torch frontend"),
+          dtype: str | None = _dtype_option(), weights: str = _weights_option()) -> None:
     """Run MODEL on PyTorch and record every ATen op call into a case store."""
     from tapml.recorder import carve as do_carve
 
     r = do_carve(model, out_dir, prompt=prompt, max_new_tokens=max_new_tokens, samples=samples, progress=progress,
-                 frontend=frontend, timeout=timeout)
+                 frontend=frontend, timeout=timeout, dtype=dtype, weights=weights)
     s = r.stats
     out.print(f"carved [bold]{escape(r.model)}[/]: {escape(r.description)}")
     out.print(f"  {r.calls} op calls -> {r.cases} signatures ({r.new_cases} new) in {r.seconds:.1f}s; "
@@ -83,6 +102,7 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
     from tapml.diverse import describe
     from tapml.ops import describe_signature
     from tapml.store import summarize
+    from tapml.workload import describe_precision
 
     summary = summarize(store, cases)
     s, runs, ops, all_cases = summary.stats, summary.runs, summary.ops, summary.cases
@@ -90,10 +110,12 @@ def show(store: Path = typer.Argument(..., help="case store directory"),
               f"overloads, {s['samples']} samples, {s['blobs']} blobs ({_human(s['blob_bytes'])}), "
               f"{_human(s['disk_bytes'])} on disk")
     t = Table(title="runs", title_justify="left")
-    for c in ("id", "model", "status", "calls", "samples per signature", "description"):
+    for c in ("id", "model", "status", "calls", "precision", "samples per signature", "description"):
         t.add_column(c)
     for r in runs:
-        t.add_row(str(r["id"]), escape(r["model"]), r["status"], str(r["calls"]), _sampling(r["options"]),
+        o = r["options"]
+        precision = describe_precision(str(o.get("dtype", "float32")), str(o.get("weights", "float")))
+        t.add_row(str(r["id"]), escape(r["model"]), r["status"], str(r["calls"]), escape(precision), _sampling(o),
                   escape(r["description"] or ""))
     out.print(t)
     t = Table(title="op kinds", title_justify="left")
@@ -220,15 +242,17 @@ def migrate(model: str = typer.Argument(..., help="zoo name or path/to/file.py:m
             json_out: Path | None = typer.Option(None, "--json", help="write the result (and the culprit's store)"),
             max_new_tokens: int = typer.Option(4, help="tokens to generate for LLMs"),
             prompt: str | None = typer.Option(None, help="use this text instead of the shipped prompts"),
-            tol: float = typer.Option(1e-4, help="end-to-end tolerance: max |Δ| / max |reference|"),
+            tol: float | None = typer.Option(None, help=_TOL_HELP),
             remote: str | None = typer.Option(None, "--remote", help="target the `tapml serve` at ws://HOST:PORT"),
-            token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
+            token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote"),
+            dtype: str | None = _dtype_option(), weights: str = _weights_option()) -> None:
     """Migrate MODEL to TARGET op by op and name the first op instance that breaks the result.
     Exit 0: no divergence; 1: a culprit was found."""
     from tapml.migration.localize import migrate as do_migrate
 
     loc = do_migrate(model, target=target, strategy=strategy, inject=inject, max_new_tokens=max_new_tokens,
                      prompt=prompt, tol=tol, remote=remote, token_file=token_file, json_out=json_out,
+                     dtype=dtype, weights=weights,
                      log=lambda s: err.print(s, markup=False),
                      on_trial=lambda p, v: err.print(f"  run: {p:<48.48} -> {'ok' if v.passed else 'BROKEN'} "
                                                      f"(rel. error {v.rel_error:.3g})", markup=False))
@@ -264,15 +288,16 @@ def debug(model: str = typer.Argument(..., help="zoo name or path/to/file.py:mak
           inject: str | None = typer.Option(None, help="wrap the target with a fault (see `tapml migrate`)"),
           strategy: str = typer.Option("bisect", help="localizer strategy"),
           max_new_tokens: int = typer.Option(4, help="tokens to generate for LLMs"),
-          tol: float = typer.Option(1e-4, help="end-to-end tolerance"),
+          tol: float | None = typer.Option(None, help=_TOL_HELP),
           remote: str | None = typer.Option(None, "--remote", help="target the `tapml serve` at ws://HOST:PORT"),
-          token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote")) -> None:
+          token_file: Path | None = typer.Option(None, "--token-file", help="token for --remote"),
+          dtype: str | None = _dtype_option(), weights: str = _weights_option()) -> None:
     """The whole top-down flow: carve, test, migrate, localize, report."""
     from tapml.migration.debug import debug as do_debug
 
     res = do_debug(model, target=target, out_dir=out_dir, inject=inject, strategy=strategy,
                    max_new_tokens=max_new_tokens, tol=tol, html_out=html_out, remote=remote, token_file=token_file,
-                   log=lambda s: err.print(s, markup=False))
+                   log=lambda s: err.print(s, markup=False), dtype=dtype, weights=weights)
     t = res.tested.totals()
     out.print(f"carved tests on {escape(res.target)}: {t['pass']} passed, {t['fail']} failed, {t['unsupported']} "
               f"unsupported, {t['error']} errors of {t['cases']} cases")

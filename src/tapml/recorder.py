@@ -39,7 +39,7 @@ from tapml.progress import Bar
 from tapml.results import CarveResult
 from tapml.runguard import TimeLimit, check_timeout, frozen_heap
 from tapml.store import Batch, CaseSpec, CaseStore, PendingSample, Recording
-from tapml.workload import Location, Workload, load_workload, track
+from tapml.workload import Location, Workload, check_precision, load_workload, track
 
 # Flush a batch to disk after this many samples or bytes (bounds memory and what a crash can lose).
 _FLUSH_SAMPLES = 512
@@ -517,7 +517,8 @@ def _nbytes(xs: list) -> int:
 
 def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_new_tokens: int = 8,
           samples: int = 1, progress: bool = True, workload: Workload | None = None, frontend: str = "torch",
-          naive_bytes: bool = False, timeout: float | None = None) -> CarveResult:
+          naive_bytes: bool = False, timeout: float | None = None, dtype: str | None = None,
+          weights: str = "float") -> CarveResult:
     """Carve MODEL (a zoo name or path/to/file.py:make_model) into the case store at `out` (created or extended;
     a store another carve is writing is refused).
 
@@ -525,14 +526,22 @@ def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_
     KV cache; `prompt` instead of the shipped prompts); `tvm` records the TIR kernel calls of the model's forward
     in TVM's Relax VM (see `tapml.frontends.tvm`). samples: samples kept per signature: its first call, and with
     K > 1 the K-1 further calls whose inputs differ most (`tapml.diverse`; the tvm frontend keeps the first K).
-    workload: run this
-    instead of building MODEL. timeout: seconds the model run may take (torch frontend); it is a SIGALRM, so a
+    dtype / weights: the precision the model runs in (`tapml.workload.set_precision`: float32, float16 or
+    bfloat16, None for as built; weights `float` or `q4_0`), recorded with the run. workload: run this
+    instead of building MODEL (it carries its own precision). timeout: seconds the model run may take (torch frontend); it is a SIGALRM, so a
     carve with one must run in the main thread, and it stops the run at its next Python step. On any failure,
     the time limit included, the run is discarded and the store is left as it was before the call (one the call
     created is removed).
     """
     check_output_dir(out, "--out")
+    check_precision(dtype, weights)
+    if workload is not None and (dtype is not None or weights != "float"):
+        raise TapmlError("a prepared workload carries its own precision: build it with the dtype and weights "
+                         "instead of passing them to carve()")
     if frontend == "tvm":
+        if dtype is not None or weights != "float":
+            raise TapmlError("--dtype and --weights apply to --frontend torch (the tvm frontend compiles the "
+                             "float32 model)")
         if timeout is not None or workload is not None:
             raise TapmlError("--timeout and a prepared workload apply to --frontend torch (the tvm frontend runs one "
                              "compiled forward)")
@@ -548,14 +557,15 @@ def carve(model: str, out: str | os.PathLike, *, prompt: str | None = None, max_
     check_timeout(timeout)
     flush, native = _env_flush(), _env_native()  # bad values fail before anything is written
     if workload is None:
-        name, workload = load_workload(model, prompt, max_new_tokens)
+        name, workload = load_workload(model, prompt, max_new_tokens, dtype, weights)
     else:
         name = model
     limit = TimeLimit(timeout)
     try:
         with CaseStore.create(Path(out)) as store:  # a failure takes back what this call wrote, nothing else
             before = {c.signature for c in store.cases()}
-            options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples}
+            options = {"prompt": prompt, "max_new_tokens": max_new_tokens, "samples": samples,
+                       **workload.precision}  # dtype / weights when not the default: a float32 run's row is as it was
             if samples > 1:  # how they were chosen (`tapml show`); a K = 1 run's row is what it always was
                 options["sampling"] = "diverse"
             with store.record(name, workload.description, options) as recording:

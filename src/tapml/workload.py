@@ -1,5 +1,6 @@
 """Workload: a model and the job to run on it (a zoo name or `file.py:make_model`, resolved here), and the
-`Location` that says where a run is (module path, phase) for every mode that watches one (the Recorder, MixedRun).
+`Location` that says where a run is (module path, phase) for every mode that watches one (the Recorder, MixedRun),
+and the one place that decides a run's precision (`set_precision`: --dtype, --weights).
 
 It builds and describes runs; it must not record, route or judge ops.
 """
@@ -15,40 +16,103 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from tapml.errors import TapmlError
+
+# --dtype: what the model's floating parameters, buffers and inputs are cast to (the reference runs in it).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# --weights: `float`, the model's own weights in its dtype; `q4_0`, its linear layers as GGUF Q4_0 blocks
+# (tapml.zoo.quant) dequantized to the activations' dtype at every forward.
+WEIGHTS = ("float", "q4_0")
 
 
 @dataclass
 class Workload:
-    """A model and the job to run on it (what the zoo's ModelSpec.prepare and user files produce)."""
+    """A model and the job to run on it (what the zoo's ModelSpec.prepare and user files produce), and the
+    precision it runs in (`set_precision`)."""
 
     model: torch.nn.Module
     run: Callable[[], Any]
     generates: bool
     description: str
+    dtype: str = "float32"  # the floating dtype of its parameters and floating inputs
+    weights: str = "float"  # one of WEIGHTS
+
+    @property
+    def precision(self) -> dict[str, str]:
+        """What a carve's run records of it: the settings that are not the default (float32, float weights)."""
+        out = {}
+        if self.dtype != "float32":
+            out["dtype"] = self.dtype
+        if self.weights != "float":
+            out["weights"] = self.weights
+        return out
 
 
-def load_workload(model: str, prompt: str | None = None, max_new_tokens: int = 8) -> tuple[str, Any]:
-    """Resolve MODEL: a zoo name (`llama`, `zoo:llama`) or `path/to/file.py:make_model`.
+def check_precision(dtype: str | None = None, weights: str = "float") -> None:
+    """A bad --dtype or --weights is a TapmlError naming the choices."""
+    if dtype is not None and dtype not in DTYPES:
+        raise TapmlError(f"unknown --dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if weights not in WEIGHTS:
+        raise TapmlError(f"unknown --weights {weights!r}; choose float (the model's own) or q4_0 (GGUF Q4_0 "
+                         "4-bit blocks)")
+
+
+def set_precision(model: torch.nn.Module, dtype: str | None = None, weights: str = "float") -> str:
+    """Put `model` in a precision, in place, and return its dtype's name. With weights `q4_0` its linear layers
+    become Q4_0 blocks (quantized from the weights it has, before any cast); then, when `dtype` is given, every
+    floating parameter and buffer is cast to it (the packed blocks are uint8 and stay). The one place a
+    Workload's precision is decided: the zoo's ModelSpec.prepare and user files both come here, then make their
+    floating inputs in the model's dtype (`floating_dtype`)."""
+    check_precision(dtype, weights)
+    if weights == "q4_0":
+        from tapml.zoo.quant import quantize_q4_0
+
+        if not quantize_q4_0(model):
+            raise TapmlError("--weights q4_0: the model has no linear layer whose in_features is a multiple of 32 "
+                             "to quantize; leave --weights out")
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+    return str(floating_dtype(model)).removeprefix("torch.")
+
+
+def floating_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of a model's floating parameters and buffers (the first one's; float32 when it has none)."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def describe_precision(dtype: str, weights: str = "float") -> str:
+    """How a run's precision reads in a workload's description and `tapml show`."""
+    return f"Q4_0 weights, {dtype} activations" if weights == "q4_0" else dtype
+
+
+def load_workload(model: str, prompt: str | None = None, max_new_tokens: int = 8, dtype: str | None = None,
+                  weights: str = "float") -> tuple[str, Any]:
+    """Resolve MODEL: a zoo name (`llama`, `zoo:llama`) or `path/to/file.py:make_model`, in `dtype` (None: as
+    built: float32 for the zoo, a user file's own) with `weights` (`set_precision`).
 
     Returns (canonical name, workload). `make_model()` must return `(model, inputs)`; the run is
     `model(*inputs)` under torch.no_grad().
     """
+    check_precision(dtype, weights)
     if ".py:" in model or model.endswith(".py"):
-        return model, load_user_model(model)
+        return model, load_user_model(model, dtype, weights)
     from tapml import zoo
 
     spec = zoo.get(model)
     try:
-        return spec.name, spec.prepare(prompt=prompt, max_new_tokens=max_new_tokens)
+        return spec.name, spec.prepare(prompt=prompt, max_new_tokens=max_new_tokens, dtype=dtype, weights=weights)
     except TapmlError:
         raise
     except Exception as e:
         raise TapmlError(f"zoo model {spec.name} failed to build: {type(e).__name__}: {e}") from None
 
 
-def load_user_model(ref: str) -> Workload:
+def load_user_model(ref: str, dtype: str | None = None, weights: str = "float") -> Workload:
     path_s, _, fn_name = ref.rpartition(":") if ".py:" in ref else (ref, ":", "")
     path = Path(path_s)
     if not fn_name:
@@ -77,7 +141,14 @@ def load_user_model(ref: str) -> Workload:
     model, inputs = made
     inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
     model.eval()
-    return Workload(model, lambda: model(*inputs), False, f"{fn_name}() from {path.name}: model(*inputs)")
+    name = set_precision(model, dtype, weights)
+    if dtype is not None:
+        to = DTYPES[dtype]
+        inputs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(to) if t.is_floating_point() else t, inputs)
+    what = f"{fn_name}() from {path.name}: model(*inputs)"
+    if dtype is not None or weights != "float":
+        what += f"; {describe_precision(name, weights)}"
+    return Workload(model, lambda: model(*inputs), False, what, name, weights)
 
 
 @dataclass(slots=True)

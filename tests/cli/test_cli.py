@@ -30,6 +30,17 @@ def test_show_prints_cases_calls_kinds_bytes_runs(store):
     assert "aten.addmm.default" in r.stdout and "complete" in r.stdout and "KB" in r.stdout
 
 
+def test_show_says_the_precision_of_each_run(store, tmp_path):
+    from shutil import copytree
+
+    from tapml.recorder import carve
+
+    copytree(store, tmp_path / "s")
+    carve(model_ref("make_model"), tmp_path / "s", dtype="bfloat16", progress=False)
+    rows = [line for line in tapml("show", tmp_path / "s").stdout.splitlines() if "complete" in line]
+    assert len(rows) == 2 and "float32" in rows[0] and "bfloat16" in rows[1], rows
+
+
 def test_test_writes_json_and_html_and_exits_0(store, tmp_path):
     r = tapml("test", store, "--backend", "torch", "--json", tmp_path / "r.json", "--html", tmp_path / "r.html")
     assert r.returncode == 0, r.stdout + r.stderr

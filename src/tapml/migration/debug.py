@@ -19,7 +19,6 @@ from tapml.backends import open_backend
 from tapml.backends.faults import parse_fault
 from tapml.errors import TapmlError
 from tapml.migration.localize import (
-    DEFAULT_TOL,
     Localization,
     Session,
     check_fault_hits_the_run,
@@ -34,7 +33,7 @@ from tapml.recorder import carve
 from tapml.replay import run_tests
 from tapml.report import write_atomic
 from tapml.results import CarveResult, TestRun
-from tapml.workload import load_workload
+from tapml.workload import check_precision, describe_precision, load_workload
 
 
 @dataclass
@@ -49,6 +48,7 @@ class DebugResult:
     repro: str | None
     html: str | None
     counts: dict = field(default_factory=dict)  # the all-on-target run's calls placed, ran, refused
+    precision: dict = field(default_factory=dict)  # the workload's dtype / weights when not the default
 
     @property
     def exit_code(self) -> int:
@@ -57,20 +57,23 @@ class DebugResult:
 
 
 def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, inject: str | None = None,
-          strategy: str = "bisect", max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL,
+          strategy: str = "bisect", max_new_tokens: int = 4, prompt: str | None = None, tol: float | None = None,
           html_out: str | os.PathLike | None = None, remote: str | None = None,
-          token_file: str | os.PathLike | None = None, log: Callable[[str], None] | None = None) -> DebugResult:
+          token_file: str | os.PathLike | None = None, log: Callable[[str], None] | None = None,
+          dtype: str | None = None, weights: str = "float") -> DebugResult:
     """The whole top-down flow on MODEL against TARGET: carve, replay the carved cases on the target, run the
     model with every op on the target (checking each op against the reference on the same inputs), localize the
     first op instance that breaks the end-to-end result, write its repro, and render the HTML report.
 
-    model, target, remote, token_file, inject, strategy, max_new_tokens, prompt, tol: as for `migrate`.
+    model, target, remote, token_file, inject, strategy, max_new_tokens, prompt, tol, dtype, weights: as for
+    `migrate` (the carve, the reference and every mixed run are in that precision).
     out_dir: keep the store, the migrate JSON, the culprit store and the repro there (else a temp dir, removed
     again when the flow fails). html_out: the report. log(line): progress. Settings and paths are checked before
     anything runs.
     """
     say = log or (lambda s: None)
     check_settings(strategy, tol, max_new_tokens)
+    check_precision(dtype, weights)
     fault = parse_fault(inject) if inject else None
     if html_out is not None:
         check_output_file(html_out, "--html")
@@ -84,7 +87,7 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
     work_dir = Path(out_dir) if out_dir else None
     try:
         work_dir = work_dir or Path(tempfile.mkdtemp(prefix="tapml-debug-"))
-        name, workload = load_workload(model, prompt, max_new_tokens)
+        name, workload = load_workload(model, prompt, max_new_tokens, dtype, weights)
         session = Session(workload, backend, tol)
         # The reference run first: a fault on an op the model never runs is bad input, refused before the carve
         # (else the flow would report a clean target).
@@ -115,7 +118,7 @@ def debug(model: str, *, target: str, out_dir: str | os.PathLike | None = None, 
         else:
             say("4/4 the end-to-end result matches the reference: nothing to localize")
         res = DebugResult(name, backend.name, carved, tested, drift, verdict.as_dict(), loc, repro, None,
-                          run.counts())
+                          run.counts(), workload.precision)
         if html_out:
             write_atomic(html_out, to_html(res), "--html")
             res.html = str(html_out)
@@ -180,13 +183,15 @@ def to_html(res: DebugResult) -> str:
     bad_cases = [r for r in res.tested.results if r.status in ("fail", "error")]
     amplified = [r for r in getattr(res.tested, "amplified", []) if r.status in ("fail", "error")]
     clean = e["passed"] and not bad_cases and not amplified and c is None
+    p = res.precision
+    who = esc(res.model) + (f" ({esc(describe_precision(p.get('dtype', 'float32'), p.get('weights', 'float')))})"
+                            if p else "")
     if clean:
-        verdict, color = f"{esc(res.model)} runs correctly on {esc(res.target)}", "#2e7d32"
+        verdict, color = f"{who} runs correctly on {esc(res.target)}", "#2e7d32"
     elif c is not None:
-        verdict, color = (f"{esc(res.model)} breaks on {esc(res.target)} at <code>{esc(c.op)}</code> @{c.index}",
-                          "#c62828")
+        verdict, color = (f"{who} breaks on {esc(res.target)} at <code>{esc(c.op)}</code> @{c.index}", "#c62828")
     else:
-        verdict, color = f"{esc(res.model)} has failing op cases on {esc(res.target)}", "#c62828"
+        verdict, color = f"{who} has failing op cases on {esc(res.target)}", "#c62828"
     div = e.get("first_divergent_token")
     e2e = (f"end to end: {'pass' if e['passed'] else 'FAIL'}, relative error {e['rel_error']:.3g} (tolerance "
            f"{e['tol']:g})" + (f"; first divergent token at step {div['step']} row {div['row']}: reference "

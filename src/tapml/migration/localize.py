@@ -27,10 +27,18 @@ from tapml.errors import TapmlError, first_line
 from tapml.migration.mixed import OpRecord, RunResult, run_mixed
 from tapml.migration.placement import Placement
 from tapml.ops import OpCall, Provenance
-from tapml.workload import Workload, load_workload
+from tapml.workload import Workload, check_precision, load_workload
 
 STRATEGIES = ("bisect", "by-kind", "by-module", "carved")
 DEFAULT_TOL = 1e-4
+# The end-to-end tolerance when none is given, by the workload's dtype: 1e-4 is ~840 float32 ulps, far below one
+# float16 ulp (9.8e-4), so a float16 run on any other target would always "diverge". About 10 ulps of the
+# half types (a 4-layer Llama on WebGPU: 1e-3 in float16, 8e-3 in bfloat16); a flipped token still fails.
+DEFAULT_TOLS = {"float16": 1e-2, "bfloat16": 5e-2}
+
+
+def default_tol(dtype: str) -> float:
+    return DEFAULT_TOLS.get(dtype, DEFAULT_TOL)
 
 
 # ----------------------------------------------------------------------------------------------- verdicts
@@ -133,6 +141,7 @@ class Localization:
     culprit_inputs: tuple | None = None  # host copies of the culprit's inputs (for the repro store)
     culprit_store: str | None = None  # where `repro.save_migration` saved those inputs
     counts: dict = field(default_factory=dict)  # the widest run's calls placed on, ran on, refused by the target
+    precision: dict = field(default_factory=dict)  # the workload's dtype / weights when not the default
 
     @property
     def exit_code(self) -> int:
@@ -151,9 +160,10 @@ class Localization:
 class Session:
     """One workload against one target: counts model runs, keeps the clean reference run."""
 
-    def __init__(self, workload: Workload, target: Backend, tol: float = DEFAULT_TOL,
+    def __init__(self, workload: Workload, target: Backend, tol: float | None = None,
                  on_trial: Callable[[str, E2EVerdict], None] | None = None):
-        self.workload, self.target, self.tol = workload, target, tol
+        self.workload, self.target = workload, target
+        self.tol = default_tol(workload.dtype) if tol is None else tol  # None: by the workload's dtype
         self.runs = 0
         self.trials: list[dict] = []
         self.on_trial = on_trial
@@ -265,13 +275,14 @@ def by_module(session: Session) -> tuple[int | None, RunResult | None]:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def check_settings(strategy: str = "bisect", tol: float = DEFAULT_TOL, max_new_tokens: int | None = None) -> None:
+def check_settings(strategy: str = "bisect", tol: float | None = None, max_new_tokens: int | None = None) -> None:
     """The one check of the settings `localize`, `migrate` and `debug` share, made before anything runs: a NaN
     tolerance fails every comparison (a false culprit), an infinite one passes every run, a negative one makes
-    an exact run diverge."""
+    an exact run diverge (None: the default of the workload's dtype, `default_tol`)."""
     if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise TapmlError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol)
+                            or tol <= 0):
         raise TapmlError(f"--tol must be a finite number > 0, e.g. 1e-4 (got {tol!r})")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
@@ -300,7 +311,7 @@ def check_fault_hits_the_run(session: Session, fault: Fault | None) -> None:
         raise TapmlError(f"--inject {spec}: decode-only faults need a generating model with --max-new-tokens ≥ 2")
 
 
-def localize(workload: Workload, model: str, target: Backend, *, strategy: str = "bisect", tol: float = DEFAULT_TOL,
+def localize(workload: Workload, model: str, target: Backend, *, strategy: str = "bisect", tol: float | None = None,
              fault: Fault | None = None, store: str | None = None,
              on_trial: Callable[[str, E2EVerdict], None] | None = None) -> Localization:
     """Find the first op instance of `workload` that breaks the end-to-end result on `target` (an open backend,
@@ -339,7 +350,7 @@ def localize(workload: Workload, model: str, target: Backend, *, strategy: str =
         check_something_ran(widest[0], target.name)
     return Localization(model, target.name, strategy, diverged, culprit, session.runs,
                         time.perf_counter() - start, golden.calls, e2e, crossings, refused, session.trials, note,
-                        drift, inputs, counts=counts)
+                        drift, inputs, counts=counts, precision=workload.precision)
 
 
 def check_something_ran(run: RunResult, target: str) -> None:
@@ -383,8 +394,9 @@ def _carved(session: Session, model: str, store: str | None) -> tuple[Culprit | 
 
 
 def migrate(model: str, *, target: str, strategy: str = "bisect", inject: str | None = None,
-            max_new_tokens: int = 4, prompt: str | None = None, tol: float = DEFAULT_TOL, remote: str | None = None,
+            max_new_tokens: int = 4, prompt: str | None = None, tol: float | None = None, remote: str | None = None,
             token_file: str | os.PathLike | None = None, json_out: str | os.PathLike | None = None,
+            dtype: str | None = None, weights: str = "float",
             on_trial: Callable[[str, E2EVerdict], None] | None = None,
             log: Callable[[str], None] | None = None) -> Localization:
     """Migrate MODEL to TARGET op by op and name the first op instance that breaks the end-to-end result.
@@ -392,12 +404,15 @@ def migrate(model: str, *, target: str, strategy: str = "bisect", inject: str | 
     model: a zoo name or path/to/file.py:make_model. target: a registered backend (with `remote`, the one the
     `tapml serve` at ws://HOST:PORT hosts; `token_file` for it). strategy: bisect | by-kind | by-module | carved.
     inject: a fault spec (`noise:aten.mm.default@3`, see `tapml.backends.faults`) to watch localization work.
-    max_new_tokens / prompt: the LLM workload. tol: end-to-end tolerance, max |Δ| / max |reference|.
+    max_new_tokens / prompt: the LLM workload. dtype / weights: its precision (`tapml.workload.set_precision`):
+    the reference run and every mixed run are in it. tol: end-to-end tolerance, max |Δ| / max |reference|
+    (None: 1e-4, 1e-2 in float16, 5e-2 in bfloat16: `default_tol`).
     json_out: write the result there, and the culprit's inputs beside it (`<json_out without suffix>.culprit`)
     for `tapml repro`. on_trial(placement, verdict) after each model run; log(line) for progress.
     Every setting and path is checked before the target opens or the model runs.
     """
     check_settings(strategy, tol, max_new_tokens)
+    check_precision(dtype, weights)
     fault = parse_fault(inject) if inject else None
     if json_out is not None:
         from tapml.migration.repro import check_migration_out
@@ -406,7 +421,7 @@ def migrate(model: str, *, target: str, strategy: str = "bisect", inject: str | 
     backend = open_backend(target, remote=remote, token_file=token_file, inject=fault)
     name = model
     try:
-        name, workload = load_workload(model, prompt, max_new_tokens)
+        name, workload = load_workload(model, prompt, max_new_tokens, dtype, weights)
         if log:
             log(f"migrating {name} to {backend.name} ({strategy}) …")
         loc = localize(workload, name, backend, strategy=strategy, tol=tol, fault=fault, on_trial=on_trial)

@@ -94,7 +94,7 @@ def save_culprit(result: Localization, store: str | Path) -> int:
         args, kwargs = result.culprit_inputs
         mod = _OneCall(c.op, args, kwargs)
         work = Workload(mod, mod, False, f"culprit {c.op}@{c.index} (call {c.call}, {c.module}, {c.phase}) of "
-                        f"{result.model} on {result.target}")
+                        f"{result.model} on {result.target}", **result.precision)
         carve(f"{result.model}:culprit", tmp, workload=work, progress=False)
         from tapml.store import CaseStore
 

