@@ -77,7 +77,7 @@ def speech_inputs(model: torch.nn.Module, prompt: str | None) -> tuple[list[str]
     texts = prompt_texts(prompt)
     audio = speech(texts)
     feats = whisper_features(model.config)(audio, sampling_rate=SPEECH_RATE, return_tensors="pt")
-    return texts, audio, feats["input_features"]
+    return texts, audio, feats["input_features"].to(model.dtype)
 
 
 def speech_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None, max_new_tokens: int) -> Workload:
@@ -127,7 +127,7 @@ def contrastive_inputs(model: torch.nn.Module, prompt: str | None) -> dict[str, 
     """The photos and their captions (or the user's prompt as the one caption), as CLIPModel takes them."""
     captions = [prompt] if prompt is not None else [CAPTIONS[n] for n in PHOTOS]
     ids, mask = caption_ids(captions, model.config.text_config)
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=clip_pixels(model.config.vision_config.image_size))
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=clip_pixels(model.config.vision_config.image_size).to(model.dtype))
 
 
 def contrastive_workload(spec: ModelSpec, model: torch.nn.Module, prompt: str | None,
@@ -179,7 +179,7 @@ def vlm_inputs(model: torch.nn.Module, prompt: str | None) -> dict[str, torch.Te
     # What Qwen2-VL's processor returns beside the ids, and what M-RoPE needs: 1 marks an image token (without
     # it the model gives the image tokens plain 1-D text positions).
     kinds = (ids == sp["image"]).int()
-    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=kinds, pixel_values=imgs["pixel_values"],
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=kinds, pixel_values=imgs["pixel_values"].to(model.dtype),
                 image_grid_thw=imgs["image_grid_thw"])
 
 
