@@ -39,8 +39,12 @@ demo: setup
 		--out $(DEMO)/injected --html $(DEMO)/debug-injected.html; test $$? -eq 1
 	@echo "reports: $(DEMO)/debug-webgpu.html $(DEMO)/debug-injected.html"
 
+# Two workers, each test file on one of them (module fixtures are built once): about 2x on two cores, because
+# much of the suite waits on subprocesses, servers and the browser. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks scripts
