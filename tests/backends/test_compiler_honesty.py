@@ -127,6 +127,28 @@ def test_prepare_compiles_many_signatures_together_and_isolates_a_refusal(tmp_pa
     assert "aten.histc" in other.supports(calls[3]) and other.compiles == 0
 
 
+def test_extern_kernels_beside_generated_ones_stay_in_one_batch(tmp_path):
+    """ResNet's mix: convolutions (inductor calls the ATen kernel after a generated channels-last copy of its
+    inputs, and reuses buffers across members) beside a max pool and a relu. Each ATen call is traced to its
+    member by the provenance inductor writes, so the batch compiles once instead of being split to single ops."""
+    conv = lambda cin, cout, k, hw: OpCall(
+        "aten.convolution.default", (torch.randn(2, cin, hw, hw), torch.randn(cout, cin, k, k), None, [1, 1],
+                                     [k // 2, k // 2], [1, 1], False, [0, 0], 1), {})
+    calls = [conv(16, 4, 1, 16), OpCall("aten.max_pool2d_with_indices.default",
+                                        (torch.randn(2, 16, 32, 32), [3, 3], [2, 2], [1, 1]), {}),
+             conv(4, 4, 3, 16), relu_call(), conv(4, 16, 1, 16)]
+    be = get_backend("inductor", cache_dir=str(tmp_path))
+    be.prepare(calls)
+    assert be.compiles == 1
+    for c in calls:
+        reason = be.supports(c)
+        if c.op == "aten.convolution.default":
+            assert reason and "extern_kernels.convolution" in reason
+        else:
+            assert reason is None, reason
+            torch.testing.assert_close(be.execute(c), c.func()(*c.args))
+
+
 def test_replay_on_inductor_names_the_injected_codegen_bug(tmp_path, monkeypatch):
     """The carved tiny model on inductor with the relu codegen bug: relu fails, nothing is skipped silently."""
     import torch._inductor.config as ic

@@ -5,7 +5,8 @@ compiled for; they are part of the key.
 
 A graph whose generated code calls ATen itself (an inductor fallback kernel or an extern library kernel such
 as `extern_kernels.mm`) is reported unsupported: that op would run in PyTorch, not in code inductor generated.
-In a batch, each such call is traced back through the wrapper's data flow to the one op it serves.
+In a batch, each such call is traced to the one op it serves by the provenance inductor writes above it (the
+source nodes it computes), else through the wrapper's data flow; a batch where neither can tell is split.
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ class InductorBackend(CompilerBackend):
         source = self._standalone(traced.graph, traced.inputs, out)
         member_of_input = [i for i, m in enumerate(traced.members) for _ in range(m["inputs"])]
         member_of_output = [i for i, m in enumerate(traced.members) for _ in range(m["outputs"])]
-        calls = aten_calls_by_member(source, member_of_input, member_of_output, len(ops))
+        calls = aten_calls_by_origin(source, node_members(traced.graph, member_of_input, member_of_output))
+        if calls is None:
+            calls = aten_calls_by_member(source, member_of_input, member_of_output, len(ops))
         if calls is None:
             raise Unlowerable(f"inductor's code for these {len(ops)} ops calls ATen where it cannot be traced to "
                               "one op")
@@ -226,6 +229,61 @@ def _environmental(e: BaseException) -> bool:
 
 
 # --- which op an ATen call in the wrapper serves -------------------------------------------------------------
+
+def node_members(graph: torch.fx.GraphModule, member_of_input: list[int],
+                 member_of_output: list[int]) -> dict[str, set[int]]:
+    """The members (one-op graphs of a batch) each node of the traced batch graph belongs to: those whose inputs
+    it reads, or, for a node that reads no input (a factory op such as `empty`), those whose outputs it feeds.
+    The members share nothing, so every node has exactly one."""
+    nodes = list(graph.graph.nodes)
+    owner: dict[str, set[int]] = {}
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    for n, m in zip(placeholders, member_of_input):
+        owner[n.name] = {m}
+    for n in nodes:
+        if n.op == "call_function":
+            owner[n.name] = set().union(*(owner.get(a.name, set()) for a in n.all_input_nodes))
+    out = next((n for n in nodes if n.op == "output"), None)
+    if out is not None:
+        flat = [a for a in pytree.tree_leaves(out.args[0]) if isinstance(a, torch.fx.Node)]
+        for a, m in zip(flat, member_of_output):
+            if not owner.get(a.name):
+                owner[a.name] = {m}
+    for n in reversed(nodes):  # factory nodes: the members their users belong to
+        if n.op == "call_function" and not owner.get(n.name):
+            owner[n.name] = set().union(*(owner.get(u.name, set()) for u in n.users))
+    return owner
+
+
+_SOURCE_NODES = re.compile(r"#\s*(?:Topologically Sorted|Unsorted) Source Nodes: \[([^\]]*)\]")
+
+
+def aten_calls_by_origin(source: str, owner: dict[str, set[int]]) -> dict[int, set[str]] | None:
+    """The ATen calls of inductor's wrapper by member, read from the provenance inductor writes above each one
+    (`# Topologically Sorted Source Nodes: [convolution_1], ...`: the names of the nodes of the graph it was given
+    that the call computes). None when a call has no such line or its nodes are not of exactly one member (the
+    caller falls back to the wrapper's data flow)."""
+    out: dict[int, set[str]] = {}
+    names: list[str] | None = None
+    for line in source.splitlines():
+        found = _SOURCE_NODES.search(line)
+        if found:
+            names = [x.strip() for x in found.group(1).split(",") if x.strip()]
+            continue
+        call = _ATEN_CALL.match(line)
+        if call is None:
+            if line.strip() and not line.lstrip().startswith("#"):
+                names = None  # the provenance line belongs to the statement right below it only
+            continue
+        if not names:
+            return None
+        ms = set().union(*(owner.get(n, set()) for n in names))
+        if len(ms) != 1:
+            return None
+        out.setdefault(ms.pop(), set()).add(call.group(1))
+        names = None
+    return out
+
 
 def aten_calls_by_member(source: str, member_of_input: list[int], member_of_output: list[int],
                          members: int) -> dict[int, set[str]] | None:
