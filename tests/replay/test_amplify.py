@@ -227,3 +227,21 @@ def test_a_target_that_narrows_int64_gets_integer_boundary_variants_as_unsupport
     assert ints and all(r.status == "unsupported" and "holds int64 as int32" in r.reason for r in ints)
     others = [r for r in run.amplified if not r.variant.startswith("int:")]
     assert others and all(r.status == "pass" for r in others) and run.exit_code == 0
+
+
+def test_scans_get_a_long_context_and_exp_its_overflow_edge():
+    """Two values the carved calls never have: a running sum over thousands of steps (the real row repeated along
+    the scanned dim) and exp's inputs just under its overflow edge (the output still finite)."""
+    dt = -torch.rand(3, 24)
+    long = {v.name: v for v in variants(OpCall("aten.cumsum.default", (dt, -1), {}))}["long:dim-1=4096"]
+    x = long.call.args[0]
+    assert x.shape == (3, 4096) and torch.equal(x[:, 24:48], dt) and torch.equal(x[:, :24], dt)
+    for dtype, edge in ((torch.float32, 88.72), (torch.float16, 11.09)):
+        logits = torch.randn(4, 8).to(dtype)
+        v = {v.name: v for v in variants(OpCall("aten.exp.default", (logits,), {}))}["edge:overflow"]
+        y = v.call.args[0]
+        assert edge * 0.998 < float(y.max()) < edge and torch.isfinite(torch.exp(y.float()).to(dtype)).all()
+        spread = (y.double() - y.double().max()) - (logits.double() - logits.double().max())
+        assert float(spread.abs().max()) < 0.05 * max(1.0, edge)  # the real spread, moved
+    assert not any(v.name.startswith(("long:", "edge:"))
+                   for v in variants(OpCall("aten.tanh.default", (torch.randn(4, 8),), {})))

@@ -51,3 +51,19 @@ def test_a_mutant_changes_results_while_applied_and_not_after(bf, be, name, op, 
     with bf.Patch(next(m for m in bf.MUTANTS if m.name == name)):
         assert not torch.equal(be.execute(call), want)
     assert torch.equal(be.execute(call), want)
+
+
+def test_a_write_past_the_end_of_a_tensor_is_an_error_of_the_case(bf, be):
+    """topk writing the element of rank k too: in every row but the last it lands in the next row's first slot
+    (which that row's own thread overwrites on lavapipe), in the last row past the end of the output, where the
+    driver's robust buffer access would drop it unseen. The guard band after every buffer of `execute` sees it."""
+    from tapml.backends.webgpu.runtime import OutOfBounds
+
+    x = torch.randn(6, 32)
+    call = OpCall("aten.topk.default", (x, 4), {})
+    values, _ = be.execute(call)
+    assert torch.equal(values, x.topk(4).values)
+    with bf.Patch(next(m for m in bf.MUTANTS if m.name == "topk-rank-guard")):
+        with pytest.raises(OutOfBounds, match="wrote past the end"):
+            be.execute(call)
+    assert torch.equal(be.execute(call)[0], x.topk(4).values)  # nothing left behind: the next case is clean

@@ -94,7 +94,9 @@ class WebGPUBackend(Backend):
         return h.fn(self.rt, *call.args, **call.kwargs)
 
     def execute(self, call: OpCall) -> Any:
-        """Upload (naming each tensor by its schema argument, for clear range errors), run, download."""
+        """Upload (naming each tensor by its schema argument, for clear range errors), run, download; every
+        buffer of the call carries a guard band checked at the end (`Runtime.guarded`), so an out-of-bounds
+        write is an error of the case rather than invisible."""
         names = [a.name for a in call.func()._schema.arguments]
 
         def up(x: Any, name: str) -> Any:
@@ -104,10 +106,11 @@ class WebGPUBackend(Backend):
                 return type(x)(up(v, f"{name}[{i}]") for i, v in enumerate(x))
             return x
 
-        args = tuple(up(a, names[i] if i < len(names) else f"arg{i}") for i, a in enumerate(call.args))
-        kwargs = {k: up(v, k) for k, v in call.kwargs.items()}
-        out = self.run(OpCall(call.op, args, kwargs, None, call.provenance, call.rng_state))
-        return _tree_download(self, out)
+        with self.rt.guarded():  # a kernel writing past a tensor's end fails the case (OutOfBounds)
+            args = tuple(up(a, names[i] if i < len(names) else f"arg{i}") for i, a in enumerate(call.args))
+            kwargs = {k: up(v, k) for k, v in call.kwargs.items()}
+            out = self.run(OpCall(call.op, args, kwargs, None, call.provenance, call.rng_state))
+            return _tree_download(self, out)
 
     def sync(self) -> None:
         self.rt.sync()

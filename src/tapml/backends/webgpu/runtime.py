@@ -7,12 +7,13 @@ Dispatches are recorded into one open compute pass and submitted only when the h
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -261,6 +262,14 @@ class RuntimeBase:
         self._pooled_bytes += buf.size
 
 
+GUARD_BYTES = 256  # after every buffer allocated under Runtime.guarded()
+GUARD_FILL = bytes([0xA5]) * GUARD_BYTES  # as f32 -2.9e-16, as i32 -1515870811: no kernel writes it by chance
+
+
+class OutOfBounds(RuntimeError):
+    """A kernel wrote past the end of a tensor (a bug of the backend's, found by a guard band)."""
+
+
 class Runtime(RuntimeBase):
     """One wgpu device and everything cached on it."""
 
@@ -314,6 +323,7 @@ class Runtime(RuntimeBase):
         self._last_pipeline = None
         self._pending = 0
         self._fence: Storage | None = None
+        self._guards: list[tuple[Storage, int]] | None = None  # under guarded(): the buffers to check
 
     # --- buffers -------------------------------------------------------------------------------------------
     @staticmethod
@@ -328,6 +338,49 @@ class Runtime(RuntimeBase):
     def _new_buffer(self, size: int) -> _Buf:
         u = self.wgpu.BufferUsage
         return _Buf(self.device.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST), size)
+
+    # --- guard bands: out-of-bounds writes made visible --------------------------------------------------------
+    def alloc(self, nbytes: int) -> Storage:
+        if self._guards is None:
+            return super().alloc(nbytes)
+        start = (nbytes + 3) & ~3
+        storage = super().alloc(start + GUARD_BYTES)
+        storage.nbytes = nbytes
+        self.write(storage, GUARD_FILL, start)
+        self._guards.append((storage, start))
+        return storage
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        """While the block runs, every buffer it allocates is followed by a guard band of GUARD_BYTES holding a
+        fixed pattern, checked when the block ends: a kernel that writes past the end of its tensor (an
+        off-by-one tail, a wrong last-row index) raises OutOfBounds instead of landing unseen in the buffer's
+        slack or being dropped by the driver's robust buffer access. The buffers stay held until the check, so
+        none is reused (and its band overwritten by the next owner) inside the block."""
+        if self._guards is not None:  # nested: the outer block checks
+            yield
+            return
+        self._guards = []
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            held, self._guards = self._guards, None
+            if ok:
+                self._check_guards(held)
+
+    def _check_guards(self, held: list[tuple[Storage, int]]) -> None:
+        bad = []
+        for storage, start in held:
+            got = bytes(self.read(storage, start, GUARD_BYTES))
+            if got != GUARD_FILL:
+                changed = sum(a != b for a, b in zip(got, GUARD_FILL))
+                first = next(i for i, (a, b) in enumerate(zip(got, GUARD_FILL)) if a != b)
+                bad.append(f"{changed} of the {GUARD_BYTES} bytes after a {storage.nbytes}-byte buffer (the first "
+                           f"{first} bytes past its end)")
+        if bad:
+            raise OutOfBounds(f"{self.who}: a kernel wrote past the end of its tensor: {'; '.join(bad[:3])}")
 
     def _drop(self, buf: _Buf) -> None:
         pass  # wgpu frees it once no command or bind group refers to it
