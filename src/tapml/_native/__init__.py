@@ -23,7 +23,9 @@ def _cache_dir() -> Path:
 
     import torch
 
-    tag = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode()).hexdigest()[:12]
+    # The source's path is in the tag too: torch's loader writes it into the build's ninja file, so two checkouts
+    # sharing one environment (git worktrees) in one folder would rebuild it for each other on every carve.
+    tag = hashlib.sha256(_SRC.read_bytes() + torch.__version__.encode() + str(_SRC.resolve()).encode()).hexdigest()[:12]
     base = os.environ.get("TAPML_NATIVE_DIR")
     root = Path(base) if base else Path(sys.prefix) / "share" / "tapml-native"
     if not base and not os.access(sys.prefix, os.W_OK):
