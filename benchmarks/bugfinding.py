@@ -170,7 +170,7 @@ MUTANTS = [
            "bcast_strides(mask, (bsz, h, seq_l, seq_s))", "mask.stride",
            "attention mask strides not broadcast"),
     # convolution, pooling, indexing
-    Mutant("conv-pad-guard", "conv", f"{WG}.kernels.conv:conv2d_wgsl",
+    Mutant("conv-pad-guard", "conv", f"{WG}.kernels.conv:conv_wgsl",
            "if (iw < 0 || iw >= W)", "if (iw < 0 || iw > W)", "convolution's right padding guard off by one"),
     Mutant("maxpool-index-swap", "conv", f"{WG}.kernels.conv:pool2d_wgsl",
            "bi = ih * W + iw;", "bi = iw * H + ih;", "max pool indices with swapped strides"),

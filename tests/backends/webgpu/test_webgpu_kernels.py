@@ -77,7 +77,7 @@ FAMILIES = {
         {"pad"}),
     "grouped_mm": lambda: (gemm.GROUPED_MM, [gemm.grouped_mm_wgsl("f32", "f32", "")], set()),
     "attention": lambda: (sdpa.SLOTS, [sdpa.attention_wgsl("f32", "b", 1, 64)], set()),
-    "conv2d": lambda: (conv.CONV2D, [conv.conv2d_wgsl("f32", "f32", "", True)], set()),
+    "conv": lambda: (conv.CONV, [conv.conv_wgsl("f32", "f32", "", True)], set()),
     "pool2d": lambda: (conv.POOL2D,
                        [conv.pool2d_wgsl(k, "f32", "f32", "") for k in ("max", "avg", "adaptive_avg")],
                        set()),

@@ -315,8 +315,8 @@ def _check_conv(call: OpCall) -> str | None:
     transposed = call.args[6] if len(call.args) > 6 else False
     if transposed:
         return "transposed convolution is not implemented on WebGPU"
-    if x.dim() not in (3, 4):
-        return f"{x.dim() - 2}-d convolution is not implemented on WebGPU (1-d and 2-d are)"
+    if x.dim() not in (3, 4, 5):
+        return f"{x.dim() - 2}-d convolution is not implemented on WebGPU (1-d, 2-d and 3-d are)"
     return None
 
 
@@ -326,13 +326,14 @@ def _convolution(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, s
                  groups: int) -> WGTensor:
     m = meta_call("aten.convolution.default", (x, w, bias, stride, padding, dilation, transposed, output_padding,
                                                 groups), {})
-    if x.dim() == 3:
-        x4 = x.view_as((x.shape[0], x.shape[1], 1, x.shape[2]), (x.stride[0], x.stride[1], 0, x.stride[2]), x.offset)
-        w4 = w.view_as((w.shape[0], w.shape[1], 1, w.shape[2]), (w.stride[0], w.stride[1], 0, w.stride[2]), w.offset)
-        out = K.conv2d(rt, x4, w4, bias, (1, stride[0]), (0, padding[0]), (1, dilation[0]), groups,
-                       (m.shape[0], m.shape[1], 1, m.shape[2]))
-        return out.view_as(m.shape, K.contiguous_strides(m.shape), 0)
-    return K.conv2d(rt, x, w, bias, stride, padding, dilation, groups, m.shape)
+    nsp = x.dim() - 2
+    return K.conv(rt, x, w, bias, _per_dim(stride, nsp), _per_dim(padding, nsp), _per_dim(dilation, nsp), groups,
+                  m.shape)
+
+
+def _per_dim(v: Sequence[int], n: int) -> list[int]:
+    """A convolution parameter given once or once per spatial dim, as one per dim."""
+    return list(v) * n if len(v) == 1 else list(v)
 
 
 def _pair(v: Any, default: Sequence[int] | None = None) -> tuple[int, int]:

@@ -1,5 +1,6 @@
-"""2-d convolution and pooling (max with indices, avg, adaptive avg), one thread per output: WGSL beside
-launchers. Shapes arrive computed (output size, padding per side); ATen conventions stay in the handlers.
+"""Convolution over 1 to 3 spatial dims and 2-d pooling (max with indices, avg, adaptive avg), one thread per
+output: WGSL beside launchers. Shapes arrive computed (output size, padding per side); ATen conventions stay in
+the handlers.
 """
 
 from __future__ import annotations
@@ -12,44 +13,52 @@ from tapml.backends.webgpu.kernels.host import new
 from tapml.backends.webgpu.kernels.prelude import ENTRY, Slots, access, header, load, store
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
 
-# Sizes, (h, w) pairs of stride, padding and dilation, groups; then each tensor's offset and strides
-# (b: the bias).
-CONV2D = Slots("N Cin H W Cout OH OW KH KW stride:2 pad:2 dil:2 groups",
-               "x_off x_st:4 w_off w_st:4 b_off b_st o_off o_st:4").bind()
+# Sizes, (d, h, w) triples of stride, padding and dilation, groups; then each tensor's offset and strides
+# (b: the bias). 1-d and 2-d convolutions run as 3-d ones with unit leading spatial dims.
+CONV = Slots("N Cin D H W Cout OD OH OW KD KH KW stride:3 pad:3 dil:3 groups",
+             "x_off x_st:5 w_off w_st:5 b_off b_st o_off o_st:5").bind()
 # NC = N * C; count_pad: avg counts padding; divisor: avg's divisor_override (0: none); out and index
 # outputs are fresh (offsets only).
 POOL2D = Slots("NC C H W OH OW KH KW stride:2 pad:2 dil:2 count_pad divisor",
                "x_off x_st:4 o_off i_off").bind()
 
 
-def conv2d_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
-    """Direct convolution, one thread per output (n, co, oh, ow), groups/stride/padding/dilation.
-    Params: CONV2D."""
-    p = CONV2D
+def conv_wgsl(st: str, ost: str, owrap: str, bias: bool) -> tuple[str, str]:
+    """Direct convolution, one thread per output (n, co, od, oh, ow), groups/stride/padding/dilation, the
+    products summed in (ci, kd, kh, kw) order. Params: CONV."""
+    p = CONV
     u = p.u
     binds = [("o", "w", ost), ("x", "r", st), ("w", "r", st)] + ([("bb", "r", st)] if bias else [])
     src = [header(binds, 64), ENTRY.format(wg=64)]
     binit = load(st, "f32", f"bb[{u.b_off} + co * {u.b_st}]") if bias else "0.0"
-    o_at = f"{u.o_off} + nb * {u.o_st[0]} + co * {u.o_st[1]} + oh * {u.o_st[2]} + ow * {u.o_st[3]}"
+    o_at = (f"{u.o_off} + nb * {u.o_st[0]} + co * {u.o_st[1]} + od * {u.o_st[2]} + oh * {u.o_st[3]}"
+            f" + ow * {u.o_st[4]}")
     src.append(f"""  let t = (wid.x + wid.y * nwg.x) * WG + lid;
-  let N = {u.N}; let Cin = {u.Cin}; let H = i32({u.H}); let W = i32({u.W}); let Cout = {u.Cout};
-  let OH = {u.OH}; let OW = {u.OW}; let KH = {u.KH}; let KW = {u.KW};
-  if (t >= N * Cout * OH * OW) {{ return; }}
-  let ow = t % OW; let oh = (t / OW) % OH; let co = (t / (OW * OH)) % Cout; let nb = t / (OW * OH * Cout);
+  let N = {u.N}; let Cin = {u.Cin}; let D = i32({u.D}); let H = i32({u.H}); let W = i32({u.W});
+  let Cout = {u.Cout}; let OD = {u.OD}; let OH = {u.OH}; let OW = {u.OW};
+  let KD = {u.KD}; let KH = {u.KH}; let KW = {u.KW};
+  if (t >= N * Cout * OD * OH * OW) {{ return; }}
+  let ow = t % OW; let oh = (t / OW) % OH; let od = (t / (OW * OH)) % OD;
+  let co = (t / (OW * OH * OD)) % Cout; let nb = t / (OW * OH * OD * Cout);
   let cin_g = Cin / {u.groups}; let cout_g = Cout / {u.groups};
   let g = co / cout_g;
   var acc = 0.0;
   for (var ci = 0u; ci < cin_g; ci = ci + 1u) {{
     let xc = {u.x_off} + nb * {u.x_st[0]} + (g * cin_g + ci) * {u.x_st[1]};
     let wc = {u.w_off} + co * {u.w_st[0]} + ci * {u.w_st[1]};
-    for (var kh = 0u; kh < KH; kh = kh + 1u) {{
-      let ih = i32(oh * {u.stride[0]} + kh * {u.dil[0]}) - {p.i.pad[0]};
-      if (ih < 0 || ih >= H) {{ continue; }}
-      for (var kw = 0u; kw < KW; kw = kw + 1u) {{
-        let iw = i32(ow * {u.stride[1]} + kw * {u.dil[1]}) - {p.i.pad[1]};
-        if (iw < 0 || iw >= W) {{ continue; }}
-        acc = fma({load(st, 'f32', f'x[xc + u32(ih) * {u.x_st[2]} + u32(iw) * {u.x_st[3]}]')},
-                  {load(st, 'f32', f'w[wc + kh * {u.w_st[2]} + kw * {u.w_st[3]}]')}, acc);
+    for (var kd = 0u; kd < KD; kd = kd + 1u) {{
+      let id = i32(od * {u.stride[0]} + kd * {u.dil[0]}) - {p.i.pad[0]};
+      if (id < 0 || id >= D) {{ continue; }}
+      for (var kh = 0u; kh < KH; kh = kh + 1u) {{
+        let ih = i32(oh * {u.stride[1]} + kh * {u.dil[1]}) - {p.i.pad[1]};
+        if (ih < 0 || ih >= H) {{ continue; }}
+        for (var kw = 0u; kw < KW; kw = kw + 1u) {{
+          let iw = i32(ow * {u.stride[2]} + kw * {u.dil[2]}) - {p.i.pad[2]};
+          if (iw < 0 || iw >= W) {{ continue; }}
+          let xi = xc + u32(id) * {u.x_st[2]} + u32(ih) * {u.x_st[3]} + u32(iw) * {u.x_st[4]};
+          let wi = wc + kd * {u.w_st[2]} + kh * {u.w_st[3]} + kw * {u.w_st[4]};
+          acc = fma({load(st, 'f32', 'x[xi]')}, {load(st, 'f32', 'w[wi]')}, acc);
+        }}
       }}
     }}
   }}
@@ -120,23 +129,32 @@ def pool2d_wgsl(kind: str, st: str, ost: str, owrap: str, ist: str = "i32") -> t
     return "".join(src), access(binds)
 
 
-def conv2d(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride: Sequence[int],
-           padding: Sequence[int], dilation: Sequence[int], groups: int, out_shape: Sequence[int]) -> WGTensor:
-    n, cin, hh, ww = x.shape
-    cout, _, kh, kw = w.shape
+def _spatial3(t: WGTensor) -> WGTensor:
+    """An [N, C, *spatial] tensor (1 to 3 spatial dims) as [N, C, D, H, W], unit dims in front."""
+    lead = 5 - t.dim()
+    return t.view_as(t.shape[:2] + (1,) * lead + t.shape[2:], t.stride[:2] + (0,) * lead + t.stride[2:], t.offset)
+
+
+def conv(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride: Sequence[int],
+         padding: Sequence[int], dilation: Sequence[int], groups: int, out_shape: Sequence[int]) -> WGTensor:
+    """Convolution over 1 to 3 spatial dims (x [N, C, *spatial], w [Cout, C/groups, *kernel]); stride, padding
+    and dilation one per spatial dim; `out_shape` computed by the caller."""
     out = new(rt, out_shape, x.dtype)
     if out.numel() == 0:
         return out
-    oh, ow = out_shape[2], out_shape[3]
-    params = CONV2D.pack(N=n, Cin=cin, H=hh, W=ww, Cout=cout, OH=oh, OW=ow, KH=kh, KW=kw,
-                                stride=stride, pad=padding, dil=dilation, groups=groups, x_off=x.offset,
-                                x_st=x.stride, w_off=w.offset, w_st=w.stride,
-                                b_off=bias.offset if bias is not None else 0,
-                                b_st=bias.stride[0] if bias is not None else 0, o_off=out.offset,
-                                o_st=out.stride)
+    lead = 5 - x.dim()
+    x5, w5, o5 = _spatial3(x), _spatial3(w), _spatial3(out)
+    stride, padding, dilation = ([1] * lead + list(stride), [0] * lead + list(padding), [1] * lead + list(dilation))
+    n, cin, dd, hh, ww = x5.shape
+    cout, _, kd, kh, kw = w5.shape
+    params = CONV.pack(N=n, Cin=cin, D=dd, H=hh, W=ww, Cout=cout, OD=o5.shape[2], OH=o5.shape[3], OW=o5.shape[4],
+                       KD=kd, KH=kh, KW=kw, stride=stride, pad=padding, dil=dilation, groups=groups,
+                       x_off=x5.offset, x_st=x5.stride, w_off=w5.offset, w_st=w5.stride,
+                       b_off=bias.offset if bias is not None else 0,
+                       b_st=bias.stride[0] if bias is not None else 0, o_off=o5.offset, o_st=o5.stride)
     st, ost, wrap = x.info.storage, out.info.storage, out.info.wrap
-    k = rt.kernel(("conv2d", st, ost, wrap, bias is not None),
-                  lambda: conv2d_wgsl(st, ost, wrap, bias is not None), "conv2d")
+    k = rt.kernel(("conv", st, ost, wrap, bias is not None),
+                  lambda: conv_wgsl(st, ost, wrap, bias is not None), "conv")
     bufs = [out.buf, x.buf, w.buf] + ([bias.buf] if bias is not None else [])
     rt.dispatch(k, bufs, params, -(-out.numel() // 64))
     return out
