@@ -16,6 +16,7 @@ import torch
 from tapml.backends.webgpu import kernels as K
 from tapml.backends.webgpu.ops import broadcast, is_t, meta_call, norm_dim, opmath, register
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
+from tapml.backends.webgpu.selection import expand_masks
 from tapml.ops import OpCall
 
 # --- reductions --------------------------------------------------------------------------------------------
@@ -387,10 +388,6 @@ def _adaptive_avg(rt: Runtime, x: WGTensor, output_size: Sequence[int]) -> WGTen
 # --- indexing ----------------------------------------------------------------------------------------------
 
 def _check_index(call: OpCall) -> str | None:
-    indices = call.args[1]
-    for t in indices:
-        if t is not None and t.dtype in (torch.bool, torch.uint8):
-            return "boolean-mask indexing has a data-dependent shape; not implemented on WebGPU"
     if call.op.startswith("aten.index_put"):
         acc = call.args[3] if len(call.args) > 3 else call.kwargs.get("accumulate", False)
         if acc and call.args[0].dtype not in (torch.int32, torch.int64):
@@ -421,7 +418,8 @@ def _index_plan(x: WGTensor, indices: Sequence[WGTensor | None]) -> tuple[list[i
 
 @register("aten.index.Tensor", check=_check_index)
 def _index(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None]) -> WGTensor:
-    shape, coef, entries = _index_plan(x, indices)
+    """Advanced indexing; a boolean mask becomes its nonzero coordinates first (a count read back)."""
+    shape, coef, entries = _index_plan(x, expand_masks(rt, indices))
     return K.gather(rt, x, shape, coef, entries)
 
 
@@ -429,7 +427,7 @@ def _index_put(inplace: bool):
     def run(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None], values: WGTensor,
             accumulate: bool = False) -> WGTensor:
         dst = x if inplace else K.copy(rt, x, K.new(rt, x.shape, x.dtype))
-        shape, coef, entries = _index_plan(dst, indices)
+        shape, coef, entries = _index_plan(dst, expand_masks(rt, indices))
         return K.scatter(rt, dst, values, shape, coef, entries, accumulate)
     return run
 
