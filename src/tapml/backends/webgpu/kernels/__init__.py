@@ -5,6 +5,8 @@ Handlers call the launchers re-exported here (`kernels.ew`, `kernels.matmul`, ..
 knows ATen ops, and it reaches the device only through the runtime's `kernel` and `dispatch`.
 """
 
+from tapml.backends.webgpu.kernels.bitcast import SIZES as BITCAST_SIZES
+from tapml.backends.webgpu.kernels.bitcast import bitcast
 from tapml.backends.webgpu.kernels.conv import conv, pool2d
 from tapml.backends.webgpu.kernels.elementwise import LETTERS, contiguous, copy, ew, fill
 from tapml.backends.webgpu.kernels.gemm import grouped_mm, matmul
@@ -17,6 +19,6 @@ from tapml.backends.webgpu.kernels.scan import cumulative
 from tapml.backends.webgpu.kernels.sdpa import attention
 from tapml.backends.webgpu.kernels.sort import rank_sort
 
-__all__ = ["LETTERS", "attention", "bcast_strides", "contiguous", "contiguous_strides", "conv", "copy",
-           "cumulative", "ew", "fill", "finalize", "gather", "grouped_mm", "histc", "isin", "layer_norm",
-           "matmul", "new", "pool2d", "rank_sort", "reduce", "scatter", "softmax"]
+__all__ = ["BITCAST_SIZES", "LETTERS", "attention", "bcast_strides", "bitcast", "contiguous", "contiguous_strides",
+           "conv", "copy", "cumulative", "ew", "fill", "finalize", "gather", "grouped_mm", "histc", "isin",
+           "layer_norm", "matmul", "new", "pool2d", "rank_sort", "reduce", "scatter", "softmax"]
