@@ -2,7 +2,8 @@
 
 Floating outputs use the fp64-oracle rule (DESIGN.md): pass when e_tgt ≤ k·e_ref + atol(dtype), errors being
 RMSE against a float64 run of the same op. Integers/bools are exact; index outputs of ops with ties compare the
-values they select; NaN/Inf positions must match; ops that return uninitialized memory (empty*) are judged by
+values they select; topk with sorted=False compares per row what is determined (the values as a multiset, the
+values its indices select, and that the two agree); NaN/Inf positions must match; ops that return uninitialized memory (empty*) are judged by
 shape and dtype only. Metrics are reported either way; the rule decides.
 """
 
@@ -125,6 +126,50 @@ def _tie_values(op: str, args: tuple, out: Any, which: int | None, dim_pos: int)
     return x.gather(dim, idx)
 
 
+def _topk_unsorted(op: str, args: tuple, kwargs: dict | None) -> bool:
+    """topk(..., sorted=False): the order of its k results is unspecified (CPU torch keeps a heap's order)."""
+    if op_kind(op) != "aten.topk":
+        return False
+    flag = args[4] if len(args) > 4 else (kwargs or {}).get("sorted", True)
+    return flag is False
+
+
+def _row_sorted(t: Any, dim: int) -> Any:
+    """t sorted along `dim` (NaN last), or t itself when it is not a tensor of at least one dim."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    return torch.sort(t, dim=dim, stable=True).values
+
+
+def _judge_topk_unsorted(args: tuple, kwargs: dict | None, out: Any, ref: Any, oracle: Any) -> Verdict:
+    """Per row: the k values as a multiset (sorted, then the float rule), the input values the indices select
+    as a multiset (exact), and the values output equal to what the indices select, position by position."""
+    x = args[0]
+    dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
+    def select(i: torch.Tensor) -> torch.Tensor:
+        return x.gather(dim, i) if x.dim() else x.reshape(i.shape)
+
+    try:
+        vals, idx = out
+        picked, want = select(idx), select(ref[1])
+    except (IndexError, RuntimeError, TypeError, ValueError) as e:
+        return Verdict(False, "topk-unsorted:multiset", reason=f"indices do not select from the input: {e}")
+    agree = compare_tensor(vals, picked.to(vals.dtype) if isinstance(vals, torch.Tensor) else picked, None)
+    if not agree.passed:
+        return Verdict(False, "topk-unsorted:multiset", agree.metrics,
+                       f"output 0: the values are not the input elements the indices select ({agree.reason})")
+    d = dim % x.dim() if x.dim() else 0
+    o = oracle[0] if isinstance(oracle, (tuple, list)) and isinstance(oracle[0], torch.Tensor) else None
+    v = compare_tensor(_row_sorted(vals, d), _row_sorted(ref[0], d), _row_sorted(o, d))
+    if not v.passed:
+        return Verdict(False, f"topk-unsorted:multiset+{v.rule}", v.metrics, f"output 0: {v.reason}")
+    w = compare_tensor(_row_sorted(picked, d), _row_sorted(want, d), None)
+    if not w.passed:
+        return Verdict(False, "topk-unsorted:multiset", w.metrics,
+                       f"output 1: the indices select other elements than the reference's ({w.reason})")
+    return Verdict(True, f"topk-unsorted:multiset+{v.rule}", v.metrics)
+
+
 # Ops whose output values are uninitialized memory: only shape, dtype (and strides) are specified.
 _UNINITIALIZED = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty",
                   "aten.new_empty_strided", "aten.empty_permuted"}
@@ -139,11 +184,14 @@ def _judge_uninitialized(out: Any, ref: Any) -> Verdict:
     return Verdict(True, "uninitialized:shape-dtype")
 
 
-def judge(op: str, args: tuple, out: Any, ref: Any, oracle: Any, random: bool = False) -> Verdict:
+def judge(op: str, args: tuple, out: Any, ref: Any, oracle: Any, random: bool = False,
+          kwargs: dict | None = None) -> Verdict:
     """Judge an op's whole output pytree; the verdict fails on the first failing leaf and names it."""
     kind = op_kind(op)
     if kind in _UNINITIALIZED:
         return _judge_uninitialized(out, ref)
+    if _topk_unsorted(op, args, kwargs):
+        return _judge_topk_unsorted(args, kwargs, out, ref, oracle)
     tie = _TIE_OPS.get(op.removesuffix(".default"), _TIE_OPS.get(kind))
     if tie is not None:
         which, dim_pos = tie

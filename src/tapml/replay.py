@@ -59,7 +59,7 @@ def check_sample(backend: Backend, oracle: Backend, case: Case, call: OpCall) ->
             ref_oracle = oracle.execute(clone_call(call))
         except Exception:  # no float64 kernel for this op: the verdict falls back to allclose
             ref_oracle = None
-    verdict = judge(case.op, call.args, out, call.outputs, ref_oracle, case.random)
+    verdict = judge(case.op, call.args, out, call.outputs, ref_oracle, case.random, call.kwargs)
     return ("pass" if verdict.passed else "fail"), verdict, verdict.reason
 
 

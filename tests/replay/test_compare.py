@@ -98,3 +98,29 @@ def test_uninitialized_outputs_are_judged_by_shape_and_dtype_only():
     v = judge("aten.empty.memory_format", ([2, 3],), torch.zeros(3, 2), ref, None)
     assert not v.passed and "[3, 2]" in v.reason
     assert not judge("aten.empty_like.default", (ref,), torch.zeros(2, 3, dtype=torch.float16), ref, None).passed
+
+
+def test_unsorted_topk_compares_what_is_determined():
+    """topk(sorted=False) leaves the order of its k results unspecified (CPU torch keeps a heap's order): a
+    backend's permutation of the same selection passes; other values, other indices, or values that are not
+    what the indices select fail."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 9)
+    args = (x, 4, -1, True, False)
+    ref = torch.topk(x, 4, -1, True, False)
+    oracle = tuple(t.double() if t.is_floating_point() else t for t in torch.topk(x.double(), 4, -1, True, False))
+    perm = torch.tensor([2, 0, 3, 1])
+    permuted = (ref.values[:, perm], ref.indices[:, perm])
+    v = judge("aten.topk.default", args, permuted, tuple(ref), oracle)
+    assert v.passed and v.rule.startswith("topk-unsorted:multiset"), v.reason
+    assert judge("aten.topk.default", args, tuple(torch.topk(x, 4)), tuple(ref), oracle).passed  # sorted is a permutation too
+    # the 5th largest in place of the 4th: a wrong selection
+    wrong = torch.topk(x, 5)
+    bad = (wrong.values[:, [0, 1, 2, 4]], wrong.indices[:, [0, 1, 2, 4]])
+    assert not judge("aten.topk.default", args, bad, tuple(ref), oracle).passed
+    # the right values, indices that point elsewhere
+    assert not judge("aten.topk.default", args, (ref.values, ref.indices.flip(-1)), tuple(ref), oracle).passed
+    # sorted=True still compares positions: the same permutation fails there
+    sorted_ref = torch.topk(x, 4)
+    assert not judge("aten.topk.default", (x, 4, -1, True, True), (sorted_ref.values[:, perm], sorted_ref.indices[:, perm]),
+                     tuple(sorted_ref), None).passed

@@ -308,7 +308,7 @@ class MixedRun(TorchDispatchMode):
             oracle = self._oracle.execute(OpCall(name, *_clone_inputs(name, *before)))
         except Exception:
             oracle = None
-        v = judge(name, before[0], got, ref, oracle)
+        v = judge(name, before[0], got, ref, oracle, kwargs=before[1])
         rec.local_pass, rec.local_rule = v.passed, v.rule
         golden = self.golden_in.get(rec.call)
         if golden is not None:
