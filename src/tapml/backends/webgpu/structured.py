@@ -202,19 +202,27 @@ def _batch_norm(rt: Runtime, x: WGTensor, weight: WGTensor | None, bias: WGTenso
     return K.ew(rt, expr, ops, K.new(rt, x.shape, x.dtype), ["f32"] * len(ops), "f32")
 
 
+def _bn_saved_dtype(x: WGTensor, *params: WGTensor | None) -> torch.dtype:
+    """The dtype of batch norm's saved mean/invstd: CPU torch's rule (the input's, float32 when a half input
+    comes with float32 parameters; torch's meta kernel says float32 for every half input, unlike its CPU)."""
+    mixed = x.dtype in (torch.float16, torch.bfloat16) and any(p is not None and p.dtype == torch.float32
+                                                              for p in params)
+    return torch.float32 if mixed else x.dtype
+
+
 @register("aten.native_batch_norm.default", "aten._native_batch_norm_legit.default")
 def _native_batch_norm(rt: Runtime, x: WGTensor, weight: WGTensor | None, bias: WGTensor | None,
                        running_mean: WGTensor | None, running_var: WGTensor | None, training: bool,
                        momentum: float, eps: float) -> tuple[WGTensor, WGTensor, WGTensor]:
+    saved = _bn_saved_dtype(x, weight, bias, running_mean, running_var)
     if not training:
         out = _batch_norm(rt, x, weight, bias, running_mean, running_var, eps)
-        return out, K.new(rt, (0,), torch.float32), K.new(rt, (0,), torch.float32)
+        return out, K.new(rt, (0,), saved), K.new(rt, (0,), saved)
     dims = [0] + list(range(2, x.dim()))
     n = x.numel() // x.shape[1]
     mean = K.reduce(rt, "mean", x, dims, False, torch.float32, "f32")
     var = K.reduce(rt, "var", x, dims, False, torch.float32, "f32", float(n))
-    invstd = K.ew(rt, "1.0 / sqrt(a + b)", [var, float(eps)], K.new(rt, var.shape, torch.float32), ["f32"] * 2,
-                  "f32")
+    invstd = K.ew(rt, "1.0 / sqrt(a + b)", [var, float(eps)], K.new(rt, var.shape, saved), ["f32"] * 2, "f32")
     out = _batch_norm(rt, x, weight, bias, mean, var, eps)
     if running_mean is not None:
         K.ew(rt, "a * (1.0 - c) + b * c", [running_mean, mean, float(momentum)], running_mean, ["f32"] * 3, "f32")
@@ -222,15 +230,16 @@ def _native_batch_norm(rt: Runtime, x: WGTensor, weight: WGTensor | None, bias: 
         unbiased = float(n) / max(n - 1, 1)
         K.ew(rt, "a * (1.0 - c) + b * d * c", [running_var, var, float(momentum), unbiased], running_var,
              ["f32"] * 4, "f32")
-    return out, mean, invstd
+    return out, mean if saved == torch.float32 else K.copy(rt, mean, K.new(rt, mean.shape, saved)), invstd
 
 
 @register("aten._native_batch_norm_legit_no_training.default")
 def _bn_no_training(rt: Runtime, x: WGTensor, weight: WGTensor | None, bias: WGTensor | None,
                     running_mean: WGTensor, running_var: WGTensor, momentum: float,
                     eps: float) -> tuple[WGTensor, WGTensor, WGTensor]:
+    saved = _bn_saved_dtype(x, weight, bias, running_mean, running_var)
     out = _batch_norm(rt, x, weight, bias, running_mean, running_var, eps)
-    return out, K.new(rt, (0,), torch.float32), K.new(rt, (0,), torch.float32)
+    return out, K.new(rt, (0,), saved), K.new(rt, (0,), saved)
 
 
 # --- matmul family -----------------------------------------------------------------------------------------
