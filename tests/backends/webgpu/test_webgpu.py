@@ -406,6 +406,64 @@ def test_argsort_dispatches_to_a_stable_sort(be):
     close(idx, want.indices)  # stable: tied elements keep their order
 
 
+class RoutingAndScan(torch.nn.Module):
+    """The MoE routing and SSM code of real models, written as they write it: Mixtral's expert loop (one_hot,
+    where -> nonzero, index_add_), DeepSeek-style token counts and sort (bincount, argsort, scatter_add_,
+    repeat_interleave), a boolean-mask select, Mamba2's segment_sum (cumsum under masks) and a selective-scan
+    recurrence step by step."""
+
+    def __init__(self, experts: int = 4, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.router = torch.nn.Linear(hidden, experts)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(experts))
+
+    def forward(self, h, dt, a_log, bc):
+        n_exp = len(self.experts)
+        w, sel = torch.topk(torch.softmax(self.router(h), dim=1, dtype=torch.float), 2, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(h)
+        mask = torch.nn.functional.one_hot(sel, num_classes=n_exp).permute(2, 1, 0)
+        for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
+            idx, top_x = torch.where(mask[e])
+            out.index_add_(0, top_x, self.experts[e](h[top_x]) * w[top_x, idx, None])
+        counts = torch.bincount(sel.flatten(), minlength=n_exp)
+        order = sel.view(-1).argsort(stable=True)
+        per_token = torch.zeros(h.shape[0], dtype=torch.int64).scatter_add_(0, order // 2, torch.ones_like(order))
+        owners = torch.repeat_interleave(torch.arange(n_exp), counts)
+        busy = h[counts[sel[:, 0]] > counts.float().mean()]
+        da = dt * -torch.exp(a_log)  # [B, L]
+        seg = da[..., None].repeat(1, 1, da.shape[-1])
+        seg = seg.masked_fill(~torch.tril(torch.ones(da.shape[-1], da.shape[-1], dtype=torch.bool), -1), 0)
+        seg = torch.cumsum(seg, dim=-2).masked_fill(
+            ~torch.tril(torch.ones(da.shape[-1], da.shape[-1], dtype=torch.bool), 0), -torch.inf)
+        state, ys = torch.zeros(dt.shape[0], 4), []
+        for t in range(dt.shape[1]):
+            state = torch.exp(da[:, t, None]) * state + dt[:, t, None] * bc[:, t]
+            ys.append((state * bc[:, t]).sum(-1))
+        return out, counts, per_token, owners, busy, torch.exp(seg), torch.stack(ys, 1)
+
+
+def test_moe_routing_and_ssm_code_runs_whole_on_webgpu(be, tmp_path):
+    from tapml.recorder import carve
+    from tapml.replay import run_tests
+    from tapml.workload import Workload
+
+    g = torch.Generator().manual_seed(4)
+    model = RoutingAndScan()
+    inputs = (torch.randn(24, 16, generator=g), torch.rand(2, 9, generator=g), torch.randn(2, 9, generator=g) * 0.1,
+              torch.randn(2, 9, 4, generator=g))
+    carve("moe", tmp_path / "s", workload=Workload(model, lambda: model(*inputs), False, "moe"), progress=False)
+    res = run_tests(str(tmp_path / "s"), be, progress=False)
+    bad = [f"{r.status} {r.op}: {r.reason[:120]}" for r in res.results if r.status != "pass"]
+    assert not bad, bad
+    ops = {r.op for r in res.results}
+    assert {"aten.nonzero.default", "aten.index_add_.default", "aten.bincount.default", "aten.sort.stable",
+            "aten.scatter_add_.default", "aten.repeat_interleave.Tensor", "aten.aminmax.default",
+            "aten.cumsum.default"} <= ops, ops
+    assert any(r.op == "aten.index.Tensor" and "b8" in r.args for r in res.results)
+
+
 def test_q4_0_dequantize_ops_view_dtype_and_shifts(be):
     """GGUF Q4_0's dequantize as carved: a uint8 buffer viewed as float16 scales, low and high nibbles by
     bitwise_and and bitwise_right_shift; and the shifts' edges (amounts of the width or more, negative)."""

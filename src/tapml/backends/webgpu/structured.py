@@ -63,6 +63,13 @@ register("aten.max.default")(_minmax_all("amax"))
 register("aten.min.default")(_minmax_all("amin"))
 
 
+@register("aten.aminmax.default")
+def _aminmax(rt: Runtime, x: WGTensor, *, dim: int | None = None, keepdim: bool = False) -> tuple[WGTensor, WGTensor]:
+    dims = None if dim is None else [dim]
+    return (K.reduce(rt, "amin", x, dims, keepdim, x.dtype, opmath(x.dtype)),
+            K.reduce(rt, "amax", x, dims, keepdim, x.dtype, opmath(x.dtype)))
+
+
 def _minmax_dim(kind: str):
     def run(rt: Runtime, x: WGTensor, dim: int, keepdim: bool = False) -> tuple[WGTensor, WGTensor]:
         return K.reduce(rt, kind, x, [dim], keepdim, x.dtype, opmath(x.dtype))
