@@ -5,8 +5,22 @@ the storage bindings it declares are the ones the runtime lays out."""
 import re
 
 import pytest
+import torch
 
-from tapml.backends.webgpu.kernels import conv, elementwise, gemm, index, norm, reduction, scan, sdpa, sort
+from tapml.backends.webgpu.kernels import (
+    bitcast,
+    compact,
+    conv,
+    elementwise,
+    gemm,
+    index,
+    norm,
+    reduction,
+    scan,
+    sdpa,
+    segment,
+    sort,
+)
 from tapml.backends.webgpu.kernels.prelude import Slots
 
 
@@ -86,6 +100,20 @@ FAMILIES = {
                         for scatter in (False, True)], set()),
     "isin": lambda: (index.ISIN, [index.isin_wgsl("f32", "i32", "f32")], set()),
     "histc": lambda: (index.HISTC, [index.histc_wgsl("f32")], set()),
+    "prefix": lambda: (compact.prefix_slots(2), [compact.prefix_wgsl(2, "u32", m) for m in ("nonzero", "count")],
+                       set()),
+    "nonzero": lambda: (compact.nonzero_slots(2), [compact.nonzero_wgsl(2, "u32", "i64")], set()),
+    "masked_scatter": lambda: (compact.masked_scatter_slots(2), [compact.masked_scatter_wgsl(2, "f32", "u32")],
+                               set()),
+    "repeat_interleave": lambda: (compact.EXPAND, [compact.expand_wgsl("i64")], set()),
+    "segment-keys": lambda: (segment.keys_slots(2), [segment.keys_wgsl(2, "i64")], set()),
+    "segment-place": lambda: (segment.PLACE, [segment.place_wgsl(f) for f in (False, True)], set()),
+    "segment-reduce": lambda: (segment.reduce_slots(2, 2),
+                               [segment.segment_wgsl(k, 2, 2, "f32", "f32", "f32", "f32", "") for k in ("sum", "amax")],
+                               set()),
+    "bitcast": lambda: (bitcast.bitcast_slots(2),
+                        [bitcast.bitcast_wgsl(2, (torch.uint8, "i32"), (torch.float16, "u32")),
+                         bitcast.bitcast_wgsl(2, (torch.float16, "f16"), (torch.int8, "i32"))], set()),
 }
 _READ = re.compile(r"\bp[uif]\((\d+)u\)")
 _STORAGE = re.compile(r"@binding\(\d+\) var<storage, (read_write|read)>")

@@ -553,7 +553,7 @@ def _view_dtype(rt: Runtime, x: WGTensor, dtype: torch.dtype) -> WGTensor:
     if dtype == x.dtype or any({x.dtype, dtype} <= s for s in _SAME_WORDS):
         return x.view_as(x.shape, x.stride, x.offset, dtype)
     m = meta_call("aten.view.dtype", (x, dtype), {})
-    return K.bitcast(rt, x, dtype, tuple(m.shape))
+    return K.reinterpret(rt, x, dtype, tuple(m.shape))
 
 
 # --- cat and friends ---------------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def _convolution(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, s
     m = meta_call("aten.convolution.default", (x, w, bias, stride, padding, dilation, transposed, output_padding,
                                                 groups), {})
     nsp = x.dim() - 2
-    return K.conv(rt, x, w, bias, _per_dim(stride, nsp), _per_dim(padding, nsp), _per_dim(dilation, nsp), groups,
+    return K.convolution(rt, x, w, bias, _per_dim(stride, nsp), _per_dim(padding, nsp), _per_dim(dilation, nsp), groups,
                   m.shape)
 
 

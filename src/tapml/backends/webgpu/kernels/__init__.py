@@ -6,8 +6,8 @@ knows ATen ops, and it reaches the device only through the runtime's `kernel` an
 """
 
 from tapml.backends.webgpu.kernels.bitcast import SIZES as BITCAST_SIZES
-from tapml.backends.webgpu.kernels.bitcast import bitcast
-from tapml.backends.webgpu.kernels.conv import conv, pool2d
+from tapml.backends.webgpu.kernels.bitcast import reinterpret
+from tapml.backends.webgpu.kernels.conv import convolution, pool2d
 from tapml.backends.webgpu.kernels.elementwise import LETTERS, contiguous, copy, ew, fill
 from tapml.backends.webgpu.kernels.gemm import grouped_mm, matmul
 from tapml.backends.webgpu.kernels.host import bcast_strides, contiguous_strides, new
@@ -19,6 +19,6 @@ from tapml.backends.webgpu.kernels.scan import cumulative
 from tapml.backends.webgpu.kernels.sdpa import attention
 from tapml.backends.webgpu.kernels.sort import rank_sort
 
-__all__ = ["BITCAST_SIZES", "LETTERS", "attention", "bcast_strides", "bitcast", "contiguous", "contiguous_strides",
-           "conv", "copy", "cumulative", "ew", "fill", "finalize", "gather", "grouped_mm", "histc", "isin",
-           "layer_norm", "matmul", "new", "pool2d", "rank_sort", "reduce", "scatter", "softmax"]
+__all__ = ["BITCAST_SIZES", "LETTERS", "attention", "bcast_strides", "contiguous", "contiguous_strides",
+           "convolution", "copy", "cumulative", "ew", "fill", "finalize", "gather", "grouped_mm", "histc", "isin",
+           "layer_norm", "matmul", "new", "pool2d", "rank_sort", "reduce", "reinterpret", "scatter", "softmax"]

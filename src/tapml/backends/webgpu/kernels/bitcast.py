@@ -78,7 +78,7 @@ def bitcast_wgsl(nd: int, src: tuple, dst: tuple) -> tuple[str, str]:
     return "".join(out), access(binds)
 
 
-def bitcast(rt: Runtime, x: WGTensor, dtype: torch.dtype, shape: tuple[int, ...]) -> WGTensor:
+def reinterpret(rt: Runtime, x: WGTensor, dtype: torch.dtype, shape: tuple[int, ...]) -> WGTensor:
     """A fresh `shape` tensor of `dtype` holding x's bytes (its last dim rescaled by the element sizes)."""
     out = new(rt, shape, dtype)
     n = out.numel()

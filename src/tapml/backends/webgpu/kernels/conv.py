@@ -135,7 +135,7 @@ def _spatial3(t: WGTensor) -> WGTensor:
     return t.view_as(t.shape[:2] + (1,) * lead + t.shape[2:], t.stride[:2] + (0,) * lead + t.stride[2:], t.offset)
 
 
-def conv(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride: Sequence[int],
+def convolution(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, stride: Sequence[int],
          padding: Sequence[int], dilation: Sequence[int], groups: int, out_shape: Sequence[int]) -> WGTensor:
     """Convolution over 1 to 3 spatial dims (x [N, C, *spatial], w [Cout, C/groups, *kernel]); stride, padding
     and dilation one per spatial dim; `out_shape` computed by the caller."""
