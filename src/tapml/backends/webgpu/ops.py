@@ -2,7 +2,8 @@
 
 Handlers take ATen arguments with WGTensor handles in place of tensors and return handles; they do
 metadata work (shapes, dtypes, views) and scalar packing on the host and leave every value to a kernel.
-They must not call torch on data. Families live in `pointwise.py` and `structured.py`; both register here.
+They must not call torch on data. Families live in `pointwise.py`, `bits.py`, `structured.py` and
+`selection.py`; all register here.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ class BrowserBackend(WebGPUBackend):
 
     def __init__(self, chromium: str | None = None, flags: tuple[str, ...] = (), timeout: float = 300.0):
         # The same op table and launchers as `webgpu`; the device is the page (no wgpu runtime is created).
-        from tapml.backends.webgpu import kernels, ops, pointwise, structured, transfer  # noqa: F401  (register ops)
+        from tapml.backends.webgpu import bits, kernels, ops, pointwise, selection, structured, transfer  # noqa: F401
         from tapml.remote.browser.host import PageHost
         from tapml.remote.browser.runtime import BrowserRuntime
 
