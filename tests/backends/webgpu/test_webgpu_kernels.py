@@ -106,7 +106,7 @@ FAMILIES = {
     "masked_scatter": lambda: (compact.masked_scatter_slots(2), [compact.masked_scatter_wgsl(2, "f32", "u32")],
                                set()),
     "repeat_interleave": lambda: (compact.EXPAND, [compact.expand_wgsl("i64")], set()),
-    "segment-keys": lambda: (segment.keys_slots(2), [segment.keys_wgsl(2, "i64")], set()),
+    "segment-keys": lambda: (segment.keys_slots(2, 2), [segment.keys_wgsl(2, ("i64", "i32"))], set()),
     "segment-place": lambda: (segment.PLACE, [segment.place_wgsl(f) for f in (False, True)], set()),
     "segment-reduce": lambda: (segment.reduce_slots(2, 2),
                                [segment.segment_wgsl(k, 2, 2, "f32", "f32", "f32", "f32", "") for k in ("sum", "amax")],

@@ -174,3 +174,23 @@ def test_moe_routing_and_ssm_code_runs_whole_on_webgpu(be, tmp_path):
             "aten.scatter_add_.default", "aten.repeat_interleave.Tensor", "aten.aminmax.default",
             "aten.cumsum.default"} <= ops, ops
     assert any(r.op == "aten.index.Tensor" and "b8" in r.args for r in res.results)
+
+
+def test_index_put_accumulate_sums_duplicates_in_order(be):
+    """x.index_put_(idx, v, accumulate=True): floats (no atomics for them), two index tensors, a mask, a strided
+    view, float16, and int64 (its atomic kernel did not compile with shader-int64)."""
+    g = torch.Generator().manual_seed(5)
+    op = "aten.index_put_.default"
+    x = torch.randn(8, 6, generator=g)
+    for dst, idx, vals in ((x, [torch.tensor([0, 5, 0, -1, 2])], torch.randn(5, 6, generator=g)),
+                           (x, [torch.tensor([0, 5, 0]), torch.tensor([1, 1, 1])], torch.randn(3, generator=g)),
+                           (x, [None, torch.tensor([0, 0, 2])], torch.tensor(1.5)),
+                           (x, [torch.rand(8, 6, generator=g) > 0.5], torch.tensor(2.0)),
+                           (x[1:7, ::2], [torch.tensor([0, 5, 0])], torch.randn(3, 3, generator=g))):
+        fp64_close(run(be, op, dst.clone(), idx, vals, True), (dst.clone(), idx, vals, True), op)
+    counts = torch.zeros(5, dtype=torch.int64)
+    close(run(be, op, counts.clone(), [torch.tensor([1, 1, 3])], torch.tensor([2, 3, 4]), True),
+          counts.clone().index_put_([torch.tensor([1, 1, 3])], torch.tensor([2, 3, 4]), accumulate=True))
+    if be.rt.f16:
+        h = (x.half(), [torch.tensor([0, 5, 0])], torch.randn(3, 6, generator=g).half(), True)
+        fp64_close(run(be, op, h[0].clone(), *h[1:]), (h[0].clone(), *h[1:]), op)

@@ -119,9 +119,25 @@ def _scatter_into(rt: Runtime, kind: str, x: WGTensor, dim: int, index: WGTensor
     d = norm_dim(dim, x.dim())
     cs = _contiguous_strides(x.shape)
     kc = [0 if i == d else cs[i] for i in range(index.dim())]
-    offs, perm, _ = segment.bucket(rt, index, index.shape, index.stride, kc, cs[d], 0, x.numel())
+    offs, perm, _ = segment.bucket(rt, index.shape, kc, [(index, index.stride, cs[d], 0)], x.numel())
     return segment.segment_reduce(rt, kind, x, src, offs, perm, cs, [0] * x.dim(), index.shape,
                                   [src.stride[i] for i in range(index.dim())], include_self=include_self)
+
+
+def accumulate_into(rt: Runtime, dst: WGTensor, values: WGTensor, shape: Sequence[int], coef: Sequence[int],
+                    entries: Sequence[tuple[WGTensor, Sequence[int], int, int]]) -> WGTensor:
+    """index_put_(accumulate=True) over an advanced-index plan (structured._index_plan: the index space
+    `shape`, dst's coefficients over it, per index tensor its strides, dim stride and size): contributions
+    keyed by the dst element they reach (its memory offset), each dst element summing its own in index order;
+    the sums written back into dst."""
+    span = 1 + sum((n - 1) * st for n, st in zip(dst.shape, dst.stride) if n > 0)
+    if values.dtype != dst.dtype:
+        values = K.copy(rt, values, K.new(rt, values.shape, dst.dtype))
+    offs, perm, _ = segment.bucket(rt, shape, coef, [(t, st, dstride, dsize) for t, st, dstride, dsize in entries],
+                                   span if dst.numel() else 0)
+    out = segment.segment_reduce(rt, "sum", dst, values, offs, perm, dst.stride, [0] * dst.dim(), shape,
+                                 K.bcast_strides(values, shape))
+    return K.copy(rt, out, dst)
 
 
 def _scatter_add(inplace: bool):
@@ -159,7 +175,7 @@ def _index_add(inplace: bool):
         src = source if source.dim() == x.dim() else source.view_as((1,) * (x.dim() - source.dim()) + source.shape,
                                                                     (0,) * (x.dim() - source.dim()) + source.stride,
                                                                     source.offset)
-        offs, perm, _ = segment.bucket(rt, idx, (n,), (idx.stride[0],), (0,), 1, 0, x.shape[d])
+        offs, perm, _ = segment.bucket(rt, (n,), (0,), [(idx, (idx.stride[0],), 1, 0)], x.shape[d])
         ke = [1 if i == d else 0 for i in range(x.dim())]
         sa = [0 if i == d else src.stride[i] for i in range(x.dim())]
         out = segment.segment_reduce(rt, "sum", x, src, offs, perm, ke, sa, (n,), (src.stride[d],), alpha)
@@ -188,7 +204,7 @@ def _bincount(rt: Runtime, x: WGTensor, weights: WGTensor | None = None, minleng
     n = x.numel()
     top = _read_int(rt, K.reduce(rt, "amax", x, None, False, x.dtype, opmath(x.dtype)), 0) + 1 if n else 0
     bins = max(top, minlength)
-    offs, perm, cnt = segment.bucket(rt, x, (n,), (x.stride[0],), (0,), 1, 0, bins)
+    offs, perm, cnt = segment.bucket(rt, (n,), (0,), [(x, (x.stride[0],), 1, 0)], bins)
     if weights is None:
         return K.copy(rt, cnt, K.new(rt, (bins,), torch.int64))
     zeros = K.fill(rt, K.new(rt, (bins,), torch.float32), 0)

@@ -16,7 +16,7 @@ import torch
 from tapml.backends.webgpu import kernels as K
 from tapml.backends.webgpu.ops import broadcast, is_t, meta_call, norm_dim, opmath, register
 from tapml.backends.webgpu.runtime import Runtime, WGTensor
-from tapml.backends.webgpu.selection import expand_masks
+from tapml.backends.webgpu.selection import accumulate_into, expand_masks
 from tapml.ops import OpCall
 
 # --- reductions --------------------------------------------------------------------------------------------
@@ -406,8 +406,8 @@ def _adaptive_avg(rt: Runtime, x: WGTensor, output_size: Sequence[int]) -> WGTen
 def _check_index(call: OpCall) -> str | None:
     if call.op.startswith("aten.index_put"):
         acc = call.args[3] if len(call.args) > 3 else call.kwargs.get("accumulate", False)
-        if acc and call.args[0].dtype not in (torch.int32, torch.int64):
-            return "index_put_ with accumulate=True is implemented for integer tensors only on WebGPU"
+        if acc and call.args[0].dtype == torch.bool:
+            return "index_put_ with accumulate=True into a bool tensor is not implemented on WebGPU"
     return None
 
 
@@ -442,9 +442,13 @@ def _index(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None]) -> WGTe
 def _index_put(inplace: bool):
     def run(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None], values: WGTensor,
             accumulate: bool = False) -> WGTensor:
+        """Advanced-index writes; with accumulate, every destination sums its values in index order
+        (`selection.accumulate_into`: deterministic, no float atomics)."""
         dst = x if inplace else K.copy(rt, x, K.new(rt, x.shape, x.dtype))
         shape, coef, entries = _index_plan(dst, expand_masks(rt, indices))
-        return K.scatter(rt, dst, values, shape, coef, entries, accumulate)
+        if accumulate:
+            return accumulate_into(rt, dst, values, shape, coef, entries)
+        return K.scatter(rt, dst, values, shape, coef, entries)
     return run
 
 

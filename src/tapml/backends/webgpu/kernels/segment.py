@@ -34,11 +34,12 @@ REDUCE = {"sum": ("0", "acc + v"), "mean": ("0", "acc + v"), "prod": ("1", "acc 
 
 
 @cache
-def keys_slots(nd: int) -> Layout:
-    """n contributions over the index space `shape`; the index tensor's offset and strides over it; a
-    contribution's key is sum_d c_d * kc_d + wrap(index) * kdim, wrap adding `wrapn` to a negative index; `m`
-    keys (a key outside [0, m) drops the contribution)."""
-    return Slots("n shape:nd idx_off idx_st:nd kc:nd kdim wrapn m").bind(nd=nd)
+def keys_slots(nd: int, nidx: int) -> Layout:
+    """n contributions over the index space `shape`; a contribution's key is sum_d c_d * kc_d plus, per index
+    tensor k (its offset and strides over the index space), wrap(index_k) * mul_k, wrap adding `wrap_k` to a
+    negative index; `m` keys (a key outside [0, m) drops the contribution)."""
+    index = [f"ix{k}_off ix{k}_st:nd ix{k}_mul ix{k}_wrap" for k in range(nidx)]
+    return Slots("n shape:nd kc:nd m", *index).bind(nd=nd)
 
 
 @cache
@@ -50,21 +51,23 @@ def reduce_slots(no: int, ni: int) -> Layout:
         no=no, ni=ni)
 
 
-def keys_wgsl(nd: int, ist: str) -> tuple[str, str]:
+def keys_wgsl(nd: int, ists: tuple[str, ...]) -> tuple[str, str]:
     """Each contribution's key, and a provisional slot in its bucket from an integer atomic count (-1 keys:
-    out of range, dropped). Params: `keys_slots`."""
-    p = keys_slots(nd)
+    out of range, dropped). `ists`: the index tensors' storage types. Params: `keys_slots`."""
+    p = keys_slots(nd, len(ists))
     u = p.u
-    binds = [("cnt", "w", "atomic<i32>"), ("slot", "w", "i32"), ("key", "w", "i32"), ("idx", "r", ist)]
+    binds = [("cnt", "w", "atomic<i32>"), ("slot", "w", "i32"), ("key", "w", "i32")]
+    binds += [(f"ix{k}", "r", t) for k, t in enumerate(ists)]
     src = [header(binds, _WG), ENTRY.format(wg=_WG)]
     src.append(f"  let i = (wid.x + wid.y * nwg.x) * WG + lid;\n  if (i >= {u.n}) {{ return; }}\n")
     src.append(decompose("i", u.shape))
-    at = " + ".join([u.idx_off] + [f"c{d} * {s}" for d, s in enumerate(u.idx_st)])
     kc = "".join(f" + i32(c{d} * {s})" for d, s in enumerate(u.kc))
-    src.append(f"""  let iv = i32(idx[{at}]);
-  let w = select(iv, iv + {p.i.wrapn}, iv < 0);
-  let k = w * {p.i.kdim}{kc};
-  if (w < 0 || k < 0 || k >= {p.i.m}) {{ key[i] = -1; return; }}
+    src.append(f"  var k = 0{kc};\n  var valid = true;\n")
+    for k in range(len(ists)):
+        at = " + ".join([u[f"ix{k}_off"]] + [f"c{d} * {s}" for d, s in enumerate(u[f"ix{k}_st"])])
+        src.append(f"  {{\n    let iv = i32(ix{k}[{at}]);\n    let w = select(iv, iv + {p.i[f'ix{k}_wrap']}, iv < 0);\n"
+                   f"    valid = valid && w >= 0;\n    k = k + w * {p.i[f'ix{k}_mul']};\n  }}\n")
+    src.append(f"""  if (!valid || k < 0 || k >= {p.i.m}) {{ key[i] = -1; return; }}
   key[i] = k;
   slot[i] = atomicAdd(&cnt[k], 1);
 }}
@@ -130,23 +133,26 @@ def segment_wgsl(kind: str, no: int, ni: int, st: str, sst: str, ct: str, ost: s
     return "".join(src), access(binds)
 
 
-def bucket(rt: Runtime, index: WGTensor, shape: Sequence[int], idx_strides: Sequence[int], kc: Sequence[int],
-           kdim: int, wrapn: int, m: int) -> tuple[WGTensor, WGTensor, WGTensor]:
-    """Contributions over the index space `shape` keyed by destination (see `keys_slots`), sorted stably by
-    key: (offs [m + 1] int32, the bucket offsets; perm [n] int32, contribution indices bucket by bucket in
-    index order; cnt [m] int32, the bucket sizes)."""
+def bucket(rt: Runtime, shape: Sequence[int], kc: Sequence[int],
+           index: Sequence[tuple[WGTensor, Sequence[int], int, int]], m: int) -> tuple[WGTensor, WGTensor, WGTensor]:
+    """Contributions over the index space `shape` keyed by destination (`keys_slots`; index: per index tensor
+    (tensor, its strides over the index space, its multiplier, the size a negative index wraps by, 0: none)),
+    sorted stably by key: (offs [m + 1] int32, the bucket offsets; perm [n] int32, contribution indices bucket
+    by bucket in index order; cnt [m] int32, the bucket sizes)."""
     nd, n = len(shape), math.prod(shape)
     if nd > MAXD:
         raise TapmlError(f"webgpu: scatter over {nd} dims (max {MAXD})")
     cnt = fill(rt, new(rt, (m,), torch.int32), 0)
     slot, key = new(rt, (n,), torch.int32), new(rt, (n,), torch.int32)
     tmp, perm = new(rt, (n,), torch.int32), new(rt, (n,), torch.int32)
-    ist = index.info.storage
+    ists = tuple(t.info.storage for t, *_ in index)
     groups = -(-n // _WG)
-    k = rt.kernel(("seg-keys", nd, ist), lambda: keys_wgsl(nd, ist), "segment-keys")
-    rt.dispatch(k, [cnt.buf, slot.buf, key.buf, index.buf],
-                keys_slots(nd).pack(n=n, shape=list(shape), idx_off=index.offset, idx_st=list(idx_strides),
-                                    kc=list(kc), kdim=kdim, wrapn=wrapn, m=m), groups)
+    words: dict[str, object] = {}
+    for k, (t, strides, mul, wrap) in enumerate(index):
+        words.update({f"ix{k}_off": t.offset, f"ix{k}_st": list(strides), f"ix{k}_mul": mul, f"ix{k}_wrap": wrap})
+    k = rt.kernel(("seg-keys", nd, ists), lambda: keys_wgsl(nd, ists), "segment-keys")
+    rt.dispatch(k, [cnt.buf, slot.buf, key.buf] + [t.buf for t, *_ in index],
+                keys_slots(nd, len(index)).pack(n=n, shape=list(shape), kc=list(kc), m=m, **words), groups)
     offs = prefix(rt, cnt, "count")
     k = rt.kernel(("seg-place", False), lambda: place_wgsl(False), "segment-place")
     rt.dispatch(k, [tmp.buf, slot.buf, key.buf, offs.buf], PLACE.pack(n=n), groups)
