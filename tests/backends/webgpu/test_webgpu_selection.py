@@ -194,3 +194,25 @@ def test_index_put_accumulate_sums_duplicates_in_order(be):
     if be.rt.f16:
         h = (x.half(), [torch.tensor([0, 5, 0])], torch.randn(3, 6, generator=g).half(), True)
         fp64_close(run(be, op, h[0].clone(), *h[1:]), (h[0].clone(), *h[1:]), op)
+
+
+@pytest.mark.parametrize("reduce", ["sum", "mean", "max", "min", "prod"])
+def test_segment_reduce_over_uneven_and_empty_segments(be, reduce):
+    """torch.segment_reduce (a segment sum's own op): lengths or offsets, an empty segment (its value: 0, nan,
+    -inf, inf, 1, or `initial`), `initial` reduced in (mean divides by the count without it), n-d data."""
+    g = torch.Generator().manual_seed(6)
+    op, data = "aten.segment_reduce.default", torch.randn(9, 3, generator=g)
+    for kw in ({"lengths": torch.tensor([2, 0, 4, 3])}, {"lengths": torch.tensor([2, 0, 4, 3]), "initial": 0.5},
+               {"offsets": torch.tensor([0, 0, 5, 9])}):
+        close(run(be, op, data, reduce, **kw), ref(op, data, reduce, **kw), atol=1e-5, rtol=1e-5)
+    assert "one of lengths and offsets" in be.supports(OpCall(op, (data, reduce), {}))
+
+
+def test_masked_select_and_count_nonzero(be):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 6, 4, generator=g)
+    for mask in (x > 0, torch.tensor([True, False, True, True]), torch.zeros(4, dtype=torch.bool)):
+        close(run(be, "aten.masked_select.default", x, mask), torch.masked_select(x, mask))
+    y = x * (x > 0)
+    close(run(be, "aten.count_nonzero.default", y), torch.count_nonzero(y))
+    close(run(be, "aten.count_nonzero.dim_IntList", x > 0, [0, 2]), torch.count_nonzero(x > 0, [0, 2]))

@@ -1,6 +1,6 @@
 """Ops whose result depends on what the data selects: nonzero, boolean masks (as indices, `masked_scatter`),
-`repeat_interleave.Tensor`, `_is_all_true`, and reductions into data-chosen destinations (`index_add`,
-`scatter_add`, `scatter_reduce`, `bincount`).
+`repeat_interleave.Tensor`, `_is_all_true`, `count_nonzero`, and reductions into data-chosen destinations
+(`index_add`, `scatter_add`, `scatter_reduce`, `index_put_(accumulate=True)`, `bincount`, `segment_reduce`).
 
 An output whose size the data decides (nonzero, a mask's selection, repeat_interleave without output_size,
 bincount) is counted on the device (`kernels.compact.prefix`, or a max reduction), the count read back to the
@@ -85,6 +85,15 @@ def _repeat_interleave(rt: Runtime, repeats: WGTensor, *, output_size: int | Non
     pos = compact.prefix(rt, repeats, "count", (n,))
     total = output_size if output_size is not None else _read_int(rt, pos, n)
     return compact.expand(rt, pos, n, total, repeats.dtype)
+
+
+def _count_nonzero(rt: Runtime, x: WGTensor, dim: Any = None) -> WGTensor:
+    nonzero = x if x.dtype == torch.bool else K.copy(rt, x, K.new(rt, x.shape, torch.bool))  # NaN counts, as torch
+    dims = None if dim is None else [dim] if isinstance(dim, int) else list(dim)
+    return K.reduce(rt, "sum", nonzero, dims, False, torch.int64, opmath(torch.int64))
+
+
+register("aten.count_nonzero.default", "aten.count_nonzero.dim_IntList")(_count_nonzero)
 
 
 # --- reductions into destinations --------------------------------------------------------------------------
@@ -209,3 +218,43 @@ def _bincount(rt: Runtime, x: WGTensor, weights: WGTensor | None = None, minleng
         return K.copy(rt, cnt, K.new(rt, (bins,), torch.int64))
     zeros = K.fill(rt, K.new(rt, (bins,), torch.float32), 0)
     return segment.segment_reduce(rt, "sum", zeros, weights, offs, perm, [1], [0], (n,), (weights.stride[0],))
+
+
+_EMPTY_SEGMENT = {"sum": 0.0, "mean": float("nan"), "max": float("-inf"), "min": float("inf"), "prod": 1.0}
+_SEGMENT_KIND = {"sum": "sum", "mean": "mean", "max": "amax", "min": "amin", "prod": "prod"}
+
+
+def _check_segment_reduce(call: OpCall) -> str | None:
+    data, reduce = call.args[0], call.args[1]
+    kw = call.kwargs
+    lengths, offsets = kw.get("lengths"), kw.get("offsets")
+    if reduce not in _SEGMENT_KIND:
+        return f"segment_reduce with reduce={reduce!r} is not implemented on WebGPU"
+    if not data.dtype.is_floating_point:
+        return "segment_reduce of an integer tensor is not implemented on WebGPU"
+    if kw.get("indices") is not None or (lengths is None) == (offsets is None):
+        return "segment_reduce needs exactly one of lengths and offsets on WebGPU"
+    if (lengths if lengths is not None else offsets).dim() != 1:
+        return "segment_reduce with batched (n-d) lengths or offsets is not implemented on WebGPU"
+    return None
+
+
+@register("aten.segment_reduce.default", check=_check_segment_reduce)
+def _segment_reduce(rt: Runtime, data: WGTensor, reduce: str, *, lengths: WGTensor | None = None,
+                    indices: WGTensor | None = None, offsets: WGTensor | None = None, axis: int = 0,
+                    unsafe: bool = False, initial: Any = None) -> WGTensor:
+    """Contiguous segments along `axis` reduced in order: the segment offsets are the lengths' exclusive
+    prefix (or the offsets given), each output element walks its own segment (`kernels.segment`)."""
+    d = norm_dim(axis, data.dim())
+    n = data.shape[d]
+    offs = (compact.prefix(rt, lengths, "count") if lengths is not None
+            else K.copy(rt, offsets, K.new(rt, offsets.shape, torch.int32)))
+    segs = offs.shape[0] - 1
+    shape = list(data.shape)
+    shape[d] = segs
+    base = K.fill(rt, K.new(rt, shape, data.dtype), _EMPTY_SEGMENT[reduce] if initial is None else initial)
+    perm = K.ew(rt, "IT(idx)", [], K.new(rt, (n,), torch.int32), [], "i32")
+    ke = [1 if i == d else 0 for i in range(data.dim())]
+    sa = [0 if i == d else data.stride[i] for i in range(data.dim())]
+    return segment.segment_reduce(rt, _SEGMENT_KIND[reduce], base, data, offs, perm, ke, sa, (n,), (data.stride[d],),
+                                  include_self=0 if initial is None else 2)

@@ -439,6 +439,15 @@ def _index(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None]) -> WGTe
     return K.gather(rt, x, shape, coef, entries)
 
 
+@register("aten.masked_select.default")
+def _masked_select(rt: Runtime, x: WGTensor, mask: WGTensor) -> WGTensor:
+    """x[mask], both broadcast to their common shape (the selection's size read back)."""
+    shape = broadcast(x.shape, mask.shape)
+    xb = x.view_as(shape, K.bcast_strides(x, shape), x.offset)
+    mb = mask.view_as(shape, K.bcast_strides(mask, shape), mask.offset)
+    return _index(rt, xb, [mb])
+
+
 def _index_put(inplace: bool):
     def run(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None], values: WGTensor,
             accumulate: bool = False) -> WGTensor:

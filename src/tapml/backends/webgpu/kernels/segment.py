@@ -46,7 +46,8 @@ def keys_slots(nd: int, nidx: int) -> Layout:
 def reduce_slots(no: int, ni: int) -> Layout:
     """n destination elements over `oshape` (out fresh, contiguous): self's offset and strides, the key of a
     destination (sum_d c_d * ke_d), the source's offset, its coefficients per destination coordinate (sa) and
-    per coordinate of a contribution over the index space `ishape` (sb); alpha (sum only) and include_self."""
+    per coordinate of a contribution over the index space `ishape` (sb); alpha (sum only) and include_self (0:
+    no, 1: self reduced and counted, 2: reduced but not counted by mean, as segment_reduce's `initial`)."""
     return Slots("n oshape:no x_off x_st:no ke:no", "s_off sa:no ishape:ni sb:ni alpha include_self").bind(
         no=no, ni=ni)
 
@@ -128,7 +129,8 @@ def segment_wgsl(kind: str, no: int, ni: int, st: str, sst: str, ct: str, ost: s
   }}
 """)
     if kind == "mean":
-        src.append(f"  let cnt = b1 - b0 + select(0u, 1u, inc);\n  if (cnt > 0u) {{ acc = acc / {ct}(cnt); }}\n")
+        src.append(f"  let cnt = b1 - b0 + select(0u, 1u, {u.include_self} == 1u);\n"
+                   f"  if (cnt > 0u) {{ acc = acc / {ct}(cnt); }}\n")
     src.append(f"  if (b1 == b0 && !inc) {{ acc = self_v; }}\n  o[e] = {store(ct, ost, owrap, 'acc')};\n}}\n")
     return "".join(src), access(binds)
 
@@ -163,7 +165,8 @@ def bucket(rt: Runtime, shape: Sequence[int], kc: Sequence[int],
 
 def segment_reduce(rt: Runtime, kind: str, x: WGTensor, src: WGTensor, offs: WGTensor, perm: WGTensor,
                    ke: Sequence[int], sa: Sequence[int], ishape: Sequence[int], sb: Sequence[int],
-                   alpha: float = 1, include_self: bool = True, out_dtype: torch.dtype | None = None) -> WGTensor:
+                   alpha: float = 1, include_self: bool | int = True,
+                   out_dtype: torch.dtype | None = None) -> WGTensor:
     """A fresh tensor of x's shape: each element reduces (REDUCE kind) the source elements of its bucket
     (`bucket`'s offs/perm) onto x's value (include_self) or alone; see `reduce_slots` for the geometry."""
     out = new(rt, x.shape, out_dtype or x.dtype)
