@@ -372,6 +372,22 @@ def test_inplace_ops_write_through_views_into_the_base_buffer(be):
     close(be.download(h), want)
 
 
+def test_a_handle_dropped_inside_a_reference_cycle_leaves_its_buffer_usable(be):
+    """A failing case's traceback holds its handles in a reference cycle: the GC finalized the wgpu buffer and
+    Storage.__del__ then pooled it dead, so a later case of that size class failed to upload (a TypeError from
+    wgpu), a case after a failure erroring for nothing."""
+    import gc
+
+    class Frame:  # stands in for a traceback's frames
+        pass
+
+    cycle = Frame()
+    cycle.handle, cycle.self = be.upload(torch.ones(1000)), cycle
+    del cycle
+    gc.collect()
+    close(be.download(be.upload(torch.full((1000,), 2.0))), torch.full((1000,), 2.0))
+
+
 # --- dtypes ------------------------------------------------------------------------------------------------
 
 def test_int64_is_narrowed_with_a_range_check_in_narrow_mode():

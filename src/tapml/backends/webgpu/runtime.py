@@ -312,6 +312,10 @@ class Runtime(RuntimeBase):
         self.stats = Stats()
         self._init_caches()
         self._staging: dict[int, Any] = {}
+        # every device buffer not dropped, by uid: a handle released inside a reference cycle (an exception's
+        # traceback) would otherwise let the GC finalize its wgpu buffer before Storage.__del__ pools it, and
+        # the next allocation of its size got a dead buffer
+        self._live: dict[int, Any] = {}
         self._layouts: dict[str, tuple[Any, Any]] = {}
         self._groups: OrderedDict[tuple, Any] = OrderedDict()
         self._arena = self.device.create_buffer(size=_ARENA_BYTES, usage=wgpu.BufferUsage.UNIFORM
@@ -337,7 +341,9 @@ class Runtime(RuntimeBase):
 
     def _new_buffer(self, size: int) -> _Buf:
         u = self.wgpu.BufferUsage
-        return _Buf(self.device.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST), size)
+        buf = _Buf(self.device.create_buffer(size=size, usage=u.STORAGE | u.COPY_SRC | u.COPY_DST), size)
+        self._live[buf.uid] = buf.gpu
+        return buf
 
     # --- guard bands: out-of-bounds writes made visible --------------------------------------------------------
     def alloc(self, nbytes: int) -> Storage:
@@ -383,7 +389,7 @@ class Runtime(RuntimeBase):
             raise OutOfBounds(f"{self.who}: a kernel wrote past the end of its tensor: {'; '.join(bad[:3])}")
 
     def _drop(self, buf: _Buf) -> None:
-        pass  # wgpu frees it once no command or bind group refers to it
+        self._live.pop(buf.uid, None)  # wgpu frees it once no command or bind group refers to it
 
     def write(self, storage: Storage, data: Any, offset: int = 0) -> None:
         """Copy host bytes into a buffer. Pending dispatches are submitted first: a queue write runs before
@@ -538,6 +544,9 @@ class Runtime(RuntimeBase):
     def trim(self) -> None:
         """Drop pooled buffers and cached bind groups (tests call this between models)."""
         self.flush()
+        for bufs in self._free.values():
+            for buf in bufs:
+                self._drop(buf)
         self._free.clear()
         self._pooled_bytes = 0
         self._groups.clear()
