@@ -213,7 +213,7 @@ def _bincount(rt: Runtime, x: WGTensor, weights: WGTensor | None = None, minleng
     n = x.numel()
     top = _read_int(rt, K.reduce(rt, "amax", x, None, False, x.dtype, opmath(x.dtype)), 0) + 1 if n else 0
     bins = max(top, minlength)
-    offs, perm, cnt = segment.bucket(rt, (n,), (0,), [(x, (x.stride[0],), 1, 0)], bins)
+    offs, perm, cnt = segment.bucket(rt, (n,), (0,), [(x, (x.stride[0],), 1, 0)], bins, counts_only=weights is None)
     if weights is None:
         return K.copy(rt, cnt, K.new(rt, (bins,), torch.int64))
     zeros = K.fill(rt, K.new(rt, (bins,), torch.float32), 0)

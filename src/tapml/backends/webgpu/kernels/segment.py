@@ -136,11 +136,13 @@ def segment_wgsl(kind: str, no: int, ni: int, st: str, sst: str, ct: str, ost: s
 
 
 def bucket(rt: Runtime, shape: Sequence[int], kc: Sequence[int],
-           index: Sequence[tuple[WGTensor, Sequence[int], int, int]], m: int) -> tuple[WGTensor, WGTensor, WGTensor]:
+           index: Sequence[tuple[WGTensor, Sequence[int], int, int]], m: int,
+           counts_only: bool = False) -> tuple[WGTensor, WGTensor, WGTensor]:
     """Contributions over the index space `shape` keyed by destination (`keys_slots`; index: per index tensor
     (tensor, its strides over the index space, its multiplier, the size a negative index wraps by, 0: none)),
     sorted stably by key: (offs [m + 1] int32, the bucket offsets; perm [n] int32, contribution indices bucket
-    by bucket in index order; cnt [m] int32, the bucket sizes)."""
+    by bucket in index order; cnt [m] int32, the bucket sizes). `counts_only`: the sizes alone (offs and perm
+    left unwritten). Placing costs O(bucket size) per contribution: n^2 when every one goes to one destination."""
     nd, n = len(shape), math.prod(shape)
     if nd > MAXD:
         raise TapmlError(f"webgpu: scatter over {nd} dims (max {MAXD})")
@@ -155,6 +157,8 @@ def bucket(rt: Runtime, shape: Sequence[int], kc: Sequence[int],
     k = rt.kernel(("seg-keys", nd, ists), lambda: keys_wgsl(nd, ists), "segment-keys")
     rt.dispatch(k, [cnt.buf, slot.buf, key.buf] + [t.buf for t, *_ in index],
                 keys_slots(nd, len(index)).pack(n=n, shape=list(shape), kc=list(kc), m=m, **words), groups)
+    if counts_only:
+        return cnt, perm, cnt
     offs = prefix(rt, cnt, "count")
     k = rt.kernel(("seg-place", False), lambda: place_wgsl(False), "segment-place")
     rt.dispatch(k, [tmp.buf, slot.buf, key.buf, offs.buf], PLACE.pack(n=n), groups)
