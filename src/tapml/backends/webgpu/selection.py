@@ -29,7 +29,7 @@ def _read_int(rt: Runtime, t: WGTensor, at: int) -> int:
     return int(download(rt, t.view_as((), (), t.offset + at)).item())
 
 
-def count_nonzero(rt: Runtime, x: WGTensor, shape: Sequence[int] | None = None) -> tuple[WGTensor, int]:
+def nonzero_positions(rt: Runtime, x: WGTensor, shape: Sequence[int] | None = None) -> tuple[WGTensor, int]:
     """(the exclusive positions of x's nonzero elements in row-major order, their count read back)."""
     pos = compact.prefix(rt, x, "nonzero", None if shape is None else tuple(shape))
     return pos, _read_int(rt, pos, pos.shape[0] - 1)
@@ -38,7 +38,7 @@ def count_nonzero(rt: Runtime, x: WGTensor, shape: Sequence[int] | None = None) 
 @register("aten.nonzero.default")
 def _nonzero(rt: Runtime, x: WGTensor) -> WGTensor:
     """The coordinates of x's nonzero elements: counted on the device, the count read back, then written."""
-    pos, count = count_nonzero(rt, x)
+    pos, count = nonzero_positions(rt, x)
     return compact.nonzero(rt, x, pos, count)
 
 
@@ -51,7 +51,7 @@ def expand_masks(rt: Runtime, indices: Sequence[WGTensor | None]) -> list[WGTens
         if t is None or t.dtype not in (torch.bool, torch.uint8):
             out.append(t)
             continue
-        pos, count = count_nonzero(rt, t)
+        pos, count = nonzero_positions(rt, t)
         coords = compact.nonzero(rt, t, pos, count)
         k = t.dim()
         out.extend(coords.view_as((count,), (k,), coords.offset + d) for d in range(k))

@@ -404,6 +404,8 @@ def _adaptive_avg(rt: Runtime, x: WGTensor, output_size: Sequence[int]) -> WGTen
 # --- indexing ----------------------------------------------------------------------------------------------
 
 def _check_index(call: OpCall) -> str | None:
+    if any(t is not None and t.dtype in (torch.bool, torch.uint8) and t.dim() == 0 for t in call.args[1]):
+        return "a 0-d boolean index (x[True]) is not implemented on WebGPU"
     if call.op.startswith("aten.index_put"):
         acc = call.args[3] if len(call.args) > 3 else call.kwargs.get("accumulate", False)
         if acc and call.args[0].dtype == torch.bool:
