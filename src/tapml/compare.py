@@ -3,8 +3,8 @@
 Floating outputs use the fp64-oracle rule (DESIGN.md): pass when e_tgt ≤ k·e_ref + atol(dtype), errors being
 RMSE against a float64 run of the same op. Integers/bools are exact; index outputs of ops with ties compare the
 values they select; topk with sorted=False compares per row what is determined (the values as a multiset, the
-values its indices select, and that the two agree); NaN/Inf positions must match; ops that return uninitialized memory (empty*) are judged by
-shape and dtype only. Metrics are reported either way; the rule decides.
+values its indices select, and that the two agree); NaN/Inf positions must match; ops that return uninitialized
+memory (empty*) are judged by shape and dtype only. Metrics are reported either way; the rule decides.
 """
 
 from __future__ import annotations
@@ -146,6 +146,7 @@ def _judge_topk_unsorted(args: tuple, kwargs: dict | None, out: Any, ref: Any, o
     as a multiset (exact), and the values output equal to what the indices select, position by position."""
     x = args[0]
     dim = args[2] if len(args) > 2 else (kwargs or {}).get("dim", -1)
+
     def select(i: torch.Tensor) -> torch.Tensor:
         return x.gather(dim, i) if x.dim() else x.reshape(i.shape)
 

@@ -113,7 +113,8 @@ def test_unsorted_topk_compares_what_is_determined():
     permuted = (ref.values[:, perm], ref.indices[:, perm])
     v = judge("aten.topk.default", args, permuted, tuple(ref), oracle)
     assert v.passed and v.rule.startswith("topk-unsorted:multiset"), v.reason
-    assert judge("aten.topk.default", args, tuple(torch.topk(x, 4)), tuple(ref), oracle).passed  # sorted is a permutation too
+    sorted_out = tuple(torch.topk(x, 4))  # sorted is a permutation too
+    assert judge("aten.topk.default", args, sorted_out, tuple(ref), oracle).passed
     # the 5th largest in place of the 4th: a wrong selection
     wrong = torch.topk(x, 5)
     bad = (wrong.values[:, [0, 1, 2, 4]], wrong.indices[:, [0, 1, 2, 4]])
@@ -122,5 +123,5 @@ def test_unsorted_topk_compares_what_is_determined():
     assert not judge("aten.topk.default", args, (ref.values, ref.indices.flip(-1)), tuple(ref), oracle).passed
     # sorted=True still compares positions: the same permutation fails there
     sorted_ref = torch.topk(x, 4)
-    assert not judge("aten.topk.default", (x, 4, -1, True, True), (sorted_ref.values[:, perm], sorted_ref.indices[:, perm]),
-                     tuple(sorted_ref), None).passed
+    moved = (sorted_ref.values[:, perm], sorted_ref.indices[:, perm])
+    assert not judge("aten.topk.default", (x, 4, -1, True, True), moved, tuple(sorted_ref), None).passed

@@ -52,7 +52,8 @@ def test_masked_scatter_fills_selected_rows_in_order(be):
     feats = torch.randn(28, 64, generator=g)
     close(run(be, "aten.masked_scatter.default", emb, mask, feats), emb.masked_scatter(mask, feats))
     full, more = torch.ones(3, 4, dtype=torch.bool), torch.randn(20, generator=g)  # a longer source: its first 12
-    close(run(be, "aten.masked_scatter.default", torch.zeros(3, 4), full, more), torch.zeros(3, 4).masked_scatter(full, more))
+    close(run(be, "aten.masked_scatter.default", torch.zeros(3, 4), full, more),
+          torch.zeros(3, 4).masked_scatter(full, more))
     close(run(be, "aten.masked_scatter.default", emb, ~full[:1, :1, None].expand(2, 34, 1), feats), emb)
     if be.rt.f16:
         close(run(be, "aten.masked_scatter.default", emb.half(), mask, feats.half()),
@@ -99,7 +100,8 @@ def test_index_add_and_scatter_add_sum_duplicates_in_order(be):
 @pytest.mark.parametrize("reduce", ["sum", "prod", "amax", "amin", "mean"])
 def test_scatter_reduce_with_and_without_self(be, reduce):
     g = torch.Generator().manual_seed(3)
-    x, idx, src = torch.randn(3, 4, generator=g), torch.randint(0, 3, (5, 4), generator=g), torch.randn(5, 4, generator=g)
+    x, src = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    idx = torch.randint(0, 3, (5, 4), generator=g)
     idx[:, 3] = 0  # a column whose rows 1 and 2 no source reaches: they keep self
     for include_self in (True, False):
         args = (x, 0, idx, src, reduce)

@@ -60,7 +60,8 @@ class WebGPUBackend(Backend):
     def __init__(self, int64: str = "auto") -> None:
         """int64: "auto" (exact WGSL i64 where the adapter has shader-int64, else narrow), "native" or
         "narrow" (int32 on the device, range-checked on upload: what a browser's WebGPU can do)."""
-        from tapml.backends.webgpu import bits, ops, pointwise, selection, structured, transfer  # noqa: F401  (op table)
+        # (importing the handler modules registers the op table)
+        from tapml.backends.webgpu import bits, ops, pointwise, selection, structured, transfer  # noqa: F401
 
         self.rt = get_runtime(int64)
         self._ops, self._transfer = ops, transfer

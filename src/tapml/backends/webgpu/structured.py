@@ -344,8 +344,8 @@ def _convolution(rt: Runtime, x: WGTensor, w: WGTensor, bias: WGTensor | None, s
     m = meta_call("aten.convolution.default", (x, w, bias, stride, padding, dilation, transposed, output_padding,
                                                 groups), {})
     nsp = x.dim() - 2
-    return K.convolution(rt, x, w, bias, _per_dim(stride, nsp), _per_dim(padding, nsp), _per_dim(dilation, nsp), groups,
-                  m.shape)
+    return K.convolution(rt, x, w, bias, _per_dim(stride, nsp), _per_dim(padding, nsp), _per_dim(dilation, nsp),
+                         groups, m.shape)
 
 
 def _per_dim(v: Sequence[int], n: int) -> list[int]:
