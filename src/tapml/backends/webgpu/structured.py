@@ -453,8 +453,9 @@ def _masked_select(rt: Runtime, x: WGTensor, mask: WGTensor) -> WGTensor:
 def _index_put(inplace: bool):
     def run(rt: Runtime, x: WGTensor, indices: Sequence[WGTensor | None], values: WGTensor,
             accumulate: bool = False) -> WGTensor:
-        """Advanced-index writes; with accumulate, every destination sums its values in index order
-        (`selection.accumulate_into`: deterministic, no float atomics)."""
+        """Advanced-index writes (a boolean mask becomes its nonzero coordinates, its count read back); with
+        accumulate, every destination sums its values in index order (`selection.accumulate_into`:
+        deterministic, no float atomics)."""
         dst = x if inplace else K.copy(rt, x, K.new(rt, x.shape, x.dtype))
         shape, coef, entries = _index_plan(dst, expand_masks(rt, indices))
         if accumulate:
