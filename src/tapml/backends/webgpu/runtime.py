@@ -199,9 +199,17 @@ def _env_flag(name: str) -> bool:
     raise TapmlError(f"{name} must be 1, true, yes, 0, false or no (or unset); got {os.environ[name]!r}")
 
 
+GUARD_BYTES = 256  # after every buffer allocated under Runtime.guarded()
+GUARD_FILL = bytes([0xA5]) * GUARD_BYTES  # as f32 -2.9e-16, as i32 -1515870811: no kernel writes it by chance
+
+
+class OutOfBounds(RuntimeError):
+    """A kernel wrote past the end of a tensor (a bug of the backend's, found by a guard band)."""
+
+
 class RuntimeBase:
-    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers, the kernel
-    cache and the launch-plan cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and
+    """What the runtimes that run these kernels share: size-bucketed reuse of device buffers, guard bands
+    (`guarded`), the kernel cache and the launch-plan cache. A subclass calls `_init_caches()`, sets `who`, `stats`, `max_binding` and
     `finalize`, makes and drops buffers and compiles kernels."""
 
     who = "webgpu"
@@ -214,6 +222,7 @@ class RuntimeBase:
         self._by_source: dict[str, Kernel] = {}  # by final WGSL: keys that generate the same text share one
         # the kernel library's launch plans by operand layout (kernels.elementwise.Plan; opaque here)
         self.plans: dict[tuple, Any] = {}
+        self._guards: list[tuple[Storage, int]] | None = None  # under guarded(): the buffers to check
 
     def _new_buffer(self, size: int) -> _Buf:
         raise NotImplementedError
@@ -239,7 +248,50 @@ class RuntimeBase:
         self._kernels[key] = k
         return k
 
+    # --- guard bands: out-of-bounds writes made visible --------------------------------------------------------
     def alloc(self, nbytes: int) -> Storage:
+        start = (nbytes + 3) & ~3
+        if self._guards is None or Runtime._bucket(start + GUARD_BYTES) > self.max_binding:
+            return self._alloc(nbytes)  # (a tensor at the binding limit has no room for a band)
+        storage = self._alloc(start + GUARD_BYTES)
+        storage.nbytes = nbytes
+        self.write(storage, GUARD_FILL, start)
+        self._guards.append((storage, start))
+        return storage
+
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        """While the block runs, every buffer it allocates is followed by a guard band of GUARD_BYTES holding a
+        fixed pattern, checked when the block ends: a kernel that writes past the end of its tensor (an
+        off-by-one tail, a wrong last-row index) raises OutOfBounds instead of landing unseen in the buffer's
+        slack or being dropped by the driver's robust buffer access. The buffers stay held until the check, so
+        none is reused (and its band overwritten by the next owner) inside the block."""
+        if self._guards is not None:  # nested: the outer block checks
+            yield
+            return
+        self._guards = []
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            held, self._guards = self._guards, None
+            if ok:
+                self._check_guards(held)
+
+    def _check_guards(self, held: list[tuple[Storage, int]]) -> None:
+        bad = []
+        for storage, start in held:
+            got = bytes(self.read(storage, start, GUARD_BYTES))
+            if got != GUARD_FILL:
+                changed = sum(a != b for a, b in zip(got, GUARD_FILL))
+                first = next(i for i, (a, b) in enumerate(zip(got, GUARD_FILL)) if a != b)
+                bad.append(f"{changed} of the {GUARD_BYTES} bytes after a {storage.nbytes}-byte tensor changed, "
+                           f"from {first} bytes past its end")
+        if bad:
+            raise OutOfBounds(f"{self.who}: a kernel wrote past the end of its tensor: {'; '.join(bad[:3])}")
+
+    def _alloc(self, nbytes: int) -> Storage:
         size = Runtime._bucket(nbytes)
         if size > self.max_binding:
             raise TapmlError(f"{self.who}: a tensor of {nbytes} bytes exceeds the largest storage binding "
@@ -260,14 +312,6 @@ class RuntimeBase:
             return
         self._free.setdefault(buf.size, []).append(buf)
         self._pooled_bytes += buf.size
-
-
-GUARD_BYTES = 256  # after every buffer allocated under Runtime.guarded()
-GUARD_FILL = bytes([0xA5]) * GUARD_BYTES  # as f32 -2.9e-16, as i32 -1515870811: no kernel writes it by chance
-
-
-class OutOfBounds(RuntimeError):
-    """A kernel wrote past the end of a tensor (a bug of the backend's, found by a guard band)."""
 
 
 class Runtime(RuntimeBase):
@@ -327,7 +371,6 @@ class Runtime(RuntimeBase):
         self._last_pipeline = None
         self._pending = 0
         self._fence: Storage | None = None
-        self._guards: list[tuple[Storage, int]] | None = None  # under guarded(): the buffers to check
 
     # --- buffers -------------------------------------------------------------------------------------------
     @staticmethod
@@ -345,48 +388,6 @@ class Runtime(RuntimeBase):
         self._live[buf.uid] = buf.gpu
         return buf
 
-    # --- guard bands: out-of-bounds writes made visible --------------------------------------------------------
-    def alloc(self, nbytes: int) -> Storage:
-        if self._guards is None:
-            return super().alloc(nbytes)
-        start = (nbytes + 3) & ~3
-        storage = super().alloc(start + GUARD_BYTES)
-        storage.nbytes = nbytes
-        self.write(storage, GUARD_FILL, start)
-        self._guards.append((storage, start))
-        return storage
-
-    @contextlib.contextmanager
-    def guarded(self) -> Iterator[None]:
-        """While the block runs, every buffer it allocates is followed by a guard band of GUARD_BYTES holding a
-        fixed pattern, checked when the block ends: a kernel that writes past the end of its tensor (an
-        off-by-one tail, a wrong last-row index) raises OutOfBounds instead of landing unseen in the buffer's
-        slack or being dropped by the driver's robust buffer access. The buffers stay held until the check, so
-        none is reused (and its band overwritten by the next owner) inside the block."""
-        if self._guards is not None:  # nested: the outer block checks
-            yield
-            return
-        self._guards = []
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            held, self._guards = self._guards, None
-            if ok:
-                self._check_guards(held)
-
-    def _check_guards(self, held: list[tuple[Storage, int]]) -> None:
-        bad = []
-        for storage, start in held:
-            got = bytes(self.read(storage, start, GUARD_BYTES))
-            if got != GUARD_FILL:
-                changed = sum(a != b for a, b in zip(got, GUARD_FILL))
-                first = next(i for i, (a, b) in enumerate(zip(got, GUARD_FILL)) if a != b)
-                bad.append(f"{changed} of the {GUARD_BYTES} bytes after a {storage.nbytes}-byte buffer (the first "
-                           f"{first} bytes past its end)")
-        if bad:
-            raise OutOfBounds(f"{self.who}: a kernel wrote past the end of its tensor: {'; '.join(bad[:3])}")
 
     def _drop(self, buf: _Buf) -> None:
         self._live.pop(buf.uid, None)  # wgpu frees it once no command or bind group refers to it
