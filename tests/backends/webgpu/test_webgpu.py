@@ -504,3 +504,18 @@ def test_replay_reports_unsupported_cases_as_unsupported(be, tmp_path):
     assert status["aten.mul.Tensor"][0] == "unsupported" and "float64" in status["aten.mul.Tensor"][1]
     assert status["aten._unique2.default"][0] == "unsupported"
     assert res.totals()["pass"] >= 1 and res.totals()["fail"] == 0 and res.totals()["error"] == 0
+
+
+def test_a_host_view_keeps_its_storage_offset_on_the_device(be):
+    """A replayed input at a small storage offset reaches the kernels at that offset, as a view made on the device
+    would (an offset-ignoring kernel is then caught by a case, not only by a migration); a view far into a large
+    storage is sent without what precedes it."""
+    base = torch.arange(40, dtype=torch.float32)
+    view = base[5:17].view(3, 4)
+    h = be.upload(view)
+    assert h.offset == 5 and torch.equal(be.download(h), view)
+    far = torch.zeros(100_000)[90_000:90_012]
+    h = be.upload(far)
+    assert h.offset == 0 and h.storage.nbytes == 12 * 4
+    out = be.execute(OpCall("aten.mul.Tensor", (view, 2.0), {}))
+    assert torch.equal(out, view * 2)

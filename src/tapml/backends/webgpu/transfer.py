@@ -33,11 +33,14 @@ def upload(rt: Runtime, t: torch.Tensor, name: str = "tensor") -> WGTensor:
     if span > 2 * n + 1024:  # a sparse view of a large storage: send only its elements
         t = t.contiguous()
         start, span = 0, n
-    flat = torch.as_strided(t, (span,), (1,), start)
+    # A small storage offset travels as it is (the kernels see the view's offset, as they do for a view made on
+    # the device); a large one is cut away with the elements before it.
+    lead = start if start <= n + 1024 else 0
+    flat = torch.as_strided(t, (lead + span,), (1,), start - lead)
     data = flat.to(info.host).contiguous() if flat.dtype != info.host else flat.contiguous()
-    storage = rt.alloc(span * info.size)
+    storage = rt.alloc((lead + span) * info.size)
     rt.write(storage, data.view(torch.uint8).numpy() if data.dtype != torch.bool else data.numpy())
-    return WGTensor(storage, t.shape, t.stride(), t.storage_offset() - start, t.dtype)
+    return WGTensor(storage, t.shape, t.stride(), t.storage_offset() - start + lead, t.dtype)
 
 
 def download(rt: Runtime, h: WGTensor) -> torch.Tensor:
