@@ -70,16 +70,11 @@ EQUIVALENT = {
 
 # Survivors that can be observed, but not by the calls these models make (argued, and counted as survived).
 UNOBSERVED_HERE = {
-    "amax-identity": "no model here reduces f32 with amax/max(dim); argmax's loop ignores the init (its index "
-                     "starts unset), so only an amax-like call can show it",
-    "exp-overflow-early": "the models' exp is inside silu/tanh/pow/gelu, where an inf for 88 < x < 88.72 is "
-                          "absorbed (silu(-88.5) becomes -0 instead of -3e-37, within the rule); aten.exp over that "
-                          "range fails under it",
-    "cumsum-compensation": "the only float cumsum here has 4 elements; the compensation matters on long sums "
-                           "(tests/backends/webgpu: test_cumsum_of_a_long_sum_meets_the_fp64_rule kills it)",
-    "topk-rank-guard": "thread (row, j) writes rank k to the next row's first slot, which that row's own, later "
-                       "invocation overwrites on lavapipe (the last row's lands past the end of the output): a "
-                       "write race this device resolves in the kernel's favour; a GPU may not",
+    "amax-identity": "no model here calls amax/amin on floats (max.dim and argmax take the index loop, which "
+                     "ignores the init: its index starts unset), so only an amax-like call can show it",
+    "segment-rank-self": "no zoo model's code calls index_add, scatter_add, index_put(accumulate=True) or "
+                         "bincount (transformers' MoE layers route with grouped_mm and index ops); the segment "
+                         "kernels' unit tests (tests/backends/webgpu/test_webgpu_selection.py) fail under it",
 }
 
 MUTANTS = [
